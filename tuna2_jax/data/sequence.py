@@ -1,0 +1,173 @@
+"""Sequence layout: task examples -> token sequences -> packed rows the model reads.
+
+Every row is a dict of numpy arrays over T token slots:
+  tokens     int32 [T]       token ids; image slots hold the image placeholder id
+  targets    int32 [T]       the next token (what position i predicts)
+  loss_mask  float32 [T]     1 where targets[i] is a trained text target
+  segment_ids int32 [T]      1..n for the packed samples, 0 for padding
+  positions  int32 [T]       1D position inside the sample (image tokens included)
+  span_ids   int32 [T]       k >= 1 on the tokens of the row's k-th image span, else 0
+  is_time    bool [T]        the time token heading a span
+  is_patch   bool [T]        patch tokens
+  gen_mask   bool [T]        tokens of spans to be generated (noised, trained by the flow loss)
+  task       int32 [T]       TASK_IDS of the sample (0 for padding)
+  patches    uint8 [T, p*p*3] the pixel block of each patch token (raster order, (row, col, ch))
+  pos3       int32 [T, 3]    flow-head RoPE coordinates (t, h, w); text (p, p, p)
+  patch_hw   int32 [T, 2]    (row, col) of a patch in its image grid
+Layouts (ARCHITECTURE.md): image span = [time][patches]; t2i = [BOS] prompt [BOI] span [EOI]
+[EOS]; understanding = [BOS] [BOI] span [EOI] question answer [EOS]; editing = [BOS] [BOI] src
+[EOI] instruction [BOI] target [EOI] [EOS]; text = [BOS] text [EOS].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence, Union
+
+import numpy as np
+
+TASK_IDS = {'t2i': 1, 'mmu': 2, 'edit': 3, 'text': 4}
+FIELDS = ('tokens', 'targets', 'loss_mask', 'segment_ids', 'positions', 'span_ids', 'is_time',
+          'is_patch', 'gen_mask', 'task', 'patches', 'pos3', 'patch_hw')
+
+
+@dataclasses.dataclass
+class Text:
+  ids: Sequence[int]
+  train: bool = False  # the model learns to predict these tokens
+
+
+@dataclasses.dataclass
+class Image:
+  pixels: np.ndarray  # uint8 [H, W, 3]
+  generate: bool = False  # a generation target: noised, trained by the flow loss
+
+
+Piece = Union[Text, Image]
+
+
+def patchify(image_HW3: np.ndarray, p: int) -> np.ndarray:
+  """[H, W, C] -> [(H/p)*(W/p), p*p*C], raster order over blocks, (row, col, ch) inside."""
+  h, w, c = image_HW3.shape
+  if h % p or w % p:
+    raise ValueError(f'image of {h}x{w} is not divisible by the patch size {p}')
+  blocks = image_HW3.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+  return blocks.reshape((h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches_NP, height: int, width: int, p: int):
+  """Exact inverse of patchify: [N, p*p*C] -> [H, W, C] (numpy or jax arrays)."""
+  gh, gw = height // p, width // p
+  c = patches_NP.shape[-1] // (p * p)
+  blocks = patches_NP.reshape(gh, gw, p, p, c).transpose(0, 2, 1, 3, 4)
+  return blocks.reshape(height, width, c)
+
+
+def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int) -> dict:
+  """Lays pieces out as one sample's per-token arrays (segment 1, span ids from 1)."""
+  cols: dict[str, list] = {k: [] for k in ('tokens', 'train', 'span_ids', 'is_time', 'is_patch',
+                                           'gen_mask', 'pos3', 'patch_hw')}
+  patches, pos, span = [], 0, 0
+  pdim = patch_size * patch_size * 3
+
+  def add(token, train=False, span_id=0, is_time=False, is_patch=False, gen=False, pos3=None,
+          hw=(0, 0)):
+    nonlocal pos
+    cols['tokens'].append(token)
+    cols['train'].append(train)
+    cols['span_ids'].append(span_id)
+    cols['is_time'].append(is_time)
+    cols['is_patch'].append(is_patch)
+    cols['gen_mask'].append(gen)
+    cols['pos3'].append(pos3 if pos3 is not None else (pos, pos, pos))
+    cols['patch_hw'].append(hw)
+    pos += 1
+
+  for piece in pieces:
+    if isinstance(piece, Text):
+      for i in piece.ids:
+        add(int(i), train=piece.train)
+        patches.append(None)
+      continue
+    span += 1
+    h, w, _ = piece.pixels.shape
+    blocks = patchify(piece.pixels, patch_size)
+    add(img_id, span_id=span, is_time=True, gen=piece.generate)
+    patches.append(None)
+    start, gw = pos, w // patch_size
+    for n, block in enumerate(blocks):
+      i, j = divmod(n, gw)
+      add(img_id, span_id=span, is_patch=True, gen=piece.generate,
+          pos3=(start, start + i, start + j), hw=(i, j))
+      patches.append(block)
+
+  length = len(cols['tokens'])
+  tokens = np.asarray(cols['tokens'], np.int32)
+  train = np.asarray(cols['train'], bool)
+  out = {
+      'tokens': tokens,
+      'targets': np.concatenate([tokens[1:], [0]]).astype(np.int32),
+      'loss_mask': np.concatenate([train[1:], [False]]).astype(np.float32),
+      'segment_ids': np.ones(length, np.int32),
+      'positions': np.arange(length, dtype=np.int32),
+      'span_ids': np.asarray(cols['span_ids'], np.int32),
+      'is_time': np.asarray(cols['is_time'], bool),
+      'is_patch': np.asarray(cols['is_patch'], bool),
+      'gen_mask': np.asarray(cols['gen_mask'], bool),
+      'task': np.full(length, TASK_IDS[task], np.int32),
+      'patches': np.stack([np.zeros(pdim, np.uint8) if b is None else b for b in patches]),
+      'pos3': np.asarray(cols['pos3'], np.int32).reshape(length, 3),
+      'patch_hw': np.asarray(cols['patch_hw'], np.int32).reshape(length, 2),
+  }
+  return out
+
+
+def empty_row(seq_len: int, patch_size: int, pad_id: int) -> dict:
+  pdim = patch_size * patch_size * 3
+  row = {k: np.zeros(seq_len, np.int32) for k in ('targets', 'segment_ids', 'positions',
+                                                    'span_ids', 'task')}
+  row['tokens'] = np.full(seq_len, pad_id, np.int32)
+  row['loss_mask'] = np.zeros(seq_len, np.float32)
+  row.update({k: np.zeros(seq_len, bool) for k in ('is_time', 'is_patch', 'gen_mask')})
+  row['patches'] = np.zeros((seq_len, pdim), np.uint8)
+  row['pos3'] = np.zeros((seq_len, 3), np.int32)
+  row['patch_hw'] = np.zeros((seq_len, 2), np.int32)
+  return row
+
+
+def pack(samples: Sequence[dict], seq_len: int, *, patch_size: int, pad_id: int) -> dict:
+  """Concatenates whole samples into one row: segments 1..n, span ids unique in the row."""
+  total = sum(len(s['tokens']) for s in samples)
+  if total > seq_len:
+    raise ValueError(f'samples of {total} tokens do not fit a row of seq_len={seq_len}')
+  row = empty_row(seq_len, patch_size, pad_id)
+  offset, spans = 0, 0
+  for seg, s in enumerate(samples, start=1):
+    n = len(s['tokens'])
+    sl = slice(offset, offset + n)
+    for k in FIELDS:
+      row[k][sl] = s[k]
+    row['segment_ids'][sl] = seg
+    row['span_ids'][sl] = np.where(s['span_ids'] > 0, s['span_ids'] + spans, 0)
+    spans += int(s['span_ids'].max(initial=0))
+    offset += n
+  return row
+
+
+def stack_left_padded(samples: Sequence[dict], *, patch_size: int, pad_id: int,
+                      length: int | None = None) -> dict:
+  """Batches single samples so that they END at the same slot (for prefill + decoding).
+
+  Left padding keeps every row's next free slot at the same index; padding has segment 0.
+  """
+  length = length or max(len(s['tokens']) for s in samples)
+  rows = []
+  for s in samples:
+    n = len(s['tokens'])
+    if n > length:
+      raise ValueError(f'sample of {n} tokens is longer than {length}')
+    row = empty_row(length, patch_size, pad_id)
+    for k in FIELDS:
+      row[k][length - n:] = s[k]
+    rows.append(row)
+  return {k: np.stack([r[k] for r in rows]) for k in FIELDS}

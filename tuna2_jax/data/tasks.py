@@ -1,0 +1,63 @@
+"""Task formatting: raw examples of each task stream -> the pieces of one token sequence.
+
+Raw examples are plain dicts (as data/shapes.py and the file sources produce):
+  t2i  {'prompt', 'image'}             mmu  {'image', 'question', 'answer'}
+  edit {'source', 'instruction', 'target'}   text {'text'}
+Prompts (captions, instructions) condition and are never trained on; answers and text-only
+data are. Dropping a prompt leaves the null prompt used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tuna2_jax.data import sequence as seq
+from tuna2_jax.data.tokenizer import Tokenizer
+
+
+def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[seq.Piece]:
+  task = ex['task']
+  prompt_ids = lambda text: [] if drop_prompt else tok.encode(text)
+  if task == 't2i':
+    return [seq.Text([tok.bos_id] + prompt_ids(ex['prompt']) + [tok.boi_id]),
+            seq.Image(ex['image'], generate=True), seq.Text([tok.eoi_id, tok.eos_id])]
+  if task == 'mmu':
+    return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']),
+            seq.Text([tok.eoi_id] + tok.encode(ex['question'])),
+            seq.Text(tok.encode(ex['answer']) + [tok.eos_id], train=True)]
+  if task == 'edit':
+    return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['source']),
+            seq.Text([tok.eoi_id] + prompt_ids(ex['instruction']) + [tok.boi_id]),
+            seq.Image(ex['target'], generate=True), seq.Text([tok.eoi_id, tok.eos_id])]
+  if task == 'text':
+    return [seq.Text([tok.bos_id]), seq.Text(tok.encode(ex['text']) + [tok.eos_id], train=True)]
+  raise ValueError(f'task {task!r}: expected one of {tuple(seq.TASK_IDS)}')
+
+
+def format_example(ex: dict, tok: Tokenizer, patch_size: int, *,
+                   drop_prompt: bool = False) -> dict:
+  return seq.assemble(to_pieces(ex, tok, drop_prompt=drop_prompt), ex['task'],
+                      img_id=tok.img_id, patch_size=patch_size)
+
+
+def generation_prompt(prompt: str, tok: Tokenizer, image_hw: tuple[int, int], patch_size: int,
+                      source: np.ndarray | None = None) -> dict:
+  """The sequence a sampler fills in: text->image, or editing when a source image is given.
+
+  The target span holds zeros; the sampler replaces its pixels. Ends at the target span (what
+  follows it cannot influence the image under the causal mask).
+  """
+  blank = np.zeros((*image_hw, 3), np.uint8)
+  if source is None:
+    ex = {'task': 't2i', 'prompt': prompt, 'image': blank}
+  else:
+    ex = {'task': 'edit', 'source': source, 'instruction': prompt, 'target': blank}
+  pieces = to_pieces(ex, tok)[:-1]
+  return seq.assemble(pieces, ex['task'], img_id=tok.img_id, patch_size=patch_size)
+
+
+def understanding_prompt(image: np.ndarray, question: str, tok: Tokenizer,
+                         patch_size: int) -> dict:
+  """[BOS] [BOI] image [EOI] question: the prefix a text decoder continues with the answer."""
+  ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
+  return seq.assemble(to_pieces(ex, tok)[:-1], 'mmu', img_id=tok.img_id, patch_size=patch_size)

@@ -1,0 +1,169 @@
+"""Evaluates a trained workdir on the held-out shapes sets; also the samplers' host-side glue.
+
+  python -m tuna2_jax.evaluate --workdir=DIR
+
+Prints JSON and writes DIR/eval.json with shapes/vqa_accuracy (and per question type),
+shapes/vqa_majority_baseline, shapes/gen_accuracy, shapes/gen_untrained_baseline (the same
+checker on a freshly initialised model's images) and shapes/caption_exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from tuna2_jax import metrics as metrics_lib
+from tuna2_jax import sampling
+from tuna2_jax import train_state
+from tuna2_jax.data import sequence as seq
+from tuna2_jax.data import shapes
+from tuna2_jax.data import tasks
+from tuna2_jax.data.tokenizer import Tokenizer
+
+def _chunks(items: Sequence, size: int):
+  for i in range(0, len(items), size):
+    chunk = list(items[i:i + size])
+    yield chunk, len(chunk)
+
+
+def _pad_to(chunk: list, size: int) -> list:
+  """Repeats the last item so every batch has one shape (one compilation)."""
+  return chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def to_uint8(x) -> np.ndarray:
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
+                    prompts: Sequence[str], key, sources: Sequence[np.ndarray] | None = None,
+                    batch_size: int | None = None) -> list[np.ndarray]:
+  """Images (uint8 HxWx3) for prompts (text->image, or edits of `sources`), with CFG."""
+  p, size, s = config.model.patch_size, config.data.image_size, config.sampling
+  batch_size = batch_size or config.eval.batch_size
+  sources = list(sources) if sources is not None else [None] * len(prompts)
+  make = lambda text, src: tasks.generation_prompt(text, tok, (size, size), p, source=src)
+  cond = [make(t, src) for t, src in zip(prompts, sources)]
+  null = [make('', src) for src in sources]
+  length = max(len(x['tokens']) for x in cond + null)
+  use_cfg = s.cfg_scale != 1.0
+  images = []
+  for i, (chunk, n) in enumerate(_chunks(list(range(len(prompts))), batch_size)):
+    rows = [cond[j] for j in _pad_to(chunk, batch_size)]
+    if use_cfg:
+      rows += [null[j] for j in _pad_to(chunk, batch_size)]
+    batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length)
+    x = sampling.sample_images(
+        model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
+        noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
+        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval))
+    x = np.asarray(x)
+    target = batch['gen_mask'] & batch['is_patch']
+    for b in range(n):
+      images.append(to_uint8(seq.unpatchify(x[b][target[b]], size, size, p)))
+  return images
+
+
+def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
+                     images: Sequence[np.ndarray], questions: Sequence[str], key,
+                     max_new_tokens: int | None = None) -> list[str]:
+  """Greedy (or configured temperature) answers to questions about images."""
+  p = config.model.patch_size
+  prompts = [tasks.understanding_prompt(im, q, tok, p) for im, q in zip(images, questions)]
+  length = max(len(x['tokens']) for x in prompts)
+  answers = []
+  for i, (chunk, n) in enumerate(_chunks(prompts, config.eval.batch_size)):
+    batch = seq.stack_left_padded(_pad_to(chunk, config.eval.batch_size), patch_size=p,
+                                  pad_id=tok.pad_id, length=length)
+    out = sampling.decode_text(
+        model, batch, jax.random.fold_in(key, i),
+        max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
+    answers += [tok.decode(row) for row in np.asarray(out)[:n]]
+  return answers
+
+
+def gen_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene]) -> float:
+  return float(np.mean([shapes.parse(im) == sc for im, sc in zip(images, scenes)]))
+
+
+def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
+             baseline_model=None) -> dict:
+  """The shapes metrics for `model` (and the untrained baseline if baseline_model is given)."""
+  d, e = config.data, config.eval
+  key = jax.random.key(config.seed + 1)
+  out = {}
+  vqa = shapes.eval_set('mmu', e.num_vqa, seed=1, size=d.image_size, max_objects=d.max_objects)
+  answers = answer_questions(model, tok, config, [x['image'] for x in vqa],
+                             [x['question'] for x in vqa], key, max_new_tokens=8)
+  correct = np.array([a.strip() == x['answer'] for a, x in zip(answers, vqa)])
+  out['shapes/vqa_accuracy'] = float(correct.mean())
+  for qtype in shapes.QTYPES:
+    sel = np.array([x['qtype'] == qtype for x in vqa])
+    if sel.any():
+      out[f'shapes/vqa_accuracy_{qtype}'] = float(correct[sel].mean())
+  dist = shapes.answer_distribution(2000, seed=2, size=d.image_size, max_objects=d.max_objects)
+  majority = {q: c.most_common(1)[0][0] for q, c in dist.items()}
+  out['shapes/vqa_majority_baseline'] = float(np.mean(
+      [majority.get(x['qtype']) == x['answer'] for x in vqa]))
+
+  caps = shapes.eval_set('caption', e.num_caption, seed=3, size=d.image_size,
+                         max_objects=d.max_objects)
+  longest = max(len(tok.encode(x['answer'])) for x in caps) + 2
+  said = answer_questions(model, tok, config, [x['image'] for x in caps],
+                          [x['question'] for x in caps], key, max_new_tokens=longest)
+  out['shapes/caption_exact'] = float(np.mean(
+      [s.strip() == x['answer'] for s, x in zip(said, caps)]))
+
+  gen = shapes.eval_set('t2i', e.num_gen, seed=4, size=d.image_size, max_objects=d.max_objects)
+  prompts, scenes = [x['prompt'] for x in gen], [x['scene'] for x in gen]
+  out['shapes/gen_accuracy'] = gen_accuracy(generate_images(model, tok, config, prompts, key),
+                                            scenes)
+  if baseline_model is not None:
+    out['shapes/gen_untrained_baseline'] = gen_accuracy(
+        generate_images(baseline_model, tok, config, prompts, key), scenes)
+  return out
+
+
+def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
+                  step: int, writer: metrics_lib.MetricsWriter | None = None) -> str:
+  """A PNG grid of generated images beside their (held-out) prompts."""
+  d = config.data
+  gen = shapes.eval_set('t2i', config.eval.num_samples_png, seed=5, size=d.image_size,
+                        max_objects=d.max_objects)
+  prompts = [x['prompt'] for x in gen]
+  images = generate_images(model, tok, config, prompts, jax.random.key(config.seed + 2))
+  path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  metrics_lib.save_sample_grid(path, images, prompts)
+  if writer is not None:
+    writer.write_image(step, 'samples', np.asarray(images[0]))
+  return path
+
+
+def main(argv):
+  del argv
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    raise app.UsageError('--workdir is required')
+  model, config, step = train_state.load_model(workdir, use_ema=True)
+  tok = Tokenizer.load(config.data.tokenizer or None)
+  baseline = None if flags.FLAGS.skip_untrained_baseline else train_state.build_model(config)
+  results = {'step': step, **evaluate(model, tok, config, baseline_model=baseline)}
+  write_samples(model, tok, config, workdir, step)
+  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so train.py can import this module beside its own flags.
+  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+  flags.DEFINE_bool('skip_untrained_baseline', False, 'Skip sampling a freshly initialised model.')
+  app.run(main)

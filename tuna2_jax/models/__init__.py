@@ -1,0 +1,1 @@
+"""Tuna-2 networks: patch embedding, vision encoder, decoder, flow head and the unified model."""

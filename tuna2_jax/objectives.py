@@ -1,0 +1,126 @@
+"""Training objectives, kept apart from the networks.
+
+Text: cross-entropy on target tokens only, chunked over tokens so [tokens x vocab] logits are
+never held at once. Flow (JiT-style): t = sigmoid(n), n ~ N(p_mean, p_std); x_t = t x + (1-t) e
+with e ~ N(0, I) * noise_scale; the head predicts x_hat; v_hat = (x_hat - x_t) / max(1 - t,
+t_eps); loss = mean |v_hat - (x - e)|^2 over target patches. Masking: per-sample replacement of
+patch tokens by the mask token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tuna2_jax.data.sequence import TASK_IDS
+
+
+def to_unit_range(patches_u8) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1]; normalising on device keeps host batches small."""
+  return patches_u8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def per_span(key, shape_BT, span_ids_BT, draw) -> jax.Array:
+  """Draws one value per image span (draw(key, [B, T+1])) and spreads it over its tokens."""
+  table = draw(key, (shape_BT[0], shape_BT[1] + 1))
+  return jnp.take_along_axis(table, span_ids_BT, axis=1)
+
+
+def sample_timesteps(key, batch: dict, obj: ml_collections.ConfigDict) -> jax.Array:
+  """Each token's image t [B, T]: logit-normal for generation targets, 1 for clean images."""
+  k_gen, k_noisy, k_amount = jax.random.split(key, 3)
+  shape, spans = batch['span_ids'].shape, batch['span_ids']
+  t_gen = per_span(k_gen, shape, spans, lambda k, s: jax.nn.sigmoid(
+      obj.p_mean + obj.p_std * jax.random.normal(k, s)))
+  t = jnp.where(batch['gen_mask'], t_gen, 1.0)
+  if obj.mmu_noisy_prob > 0:  # reference code: some understanding images are slightly noisy
+    noisy = per_span(k_noisy, shape, spans,
+                     lambda k, s: jax.random.uniform(k, s) < obj.mmu_noisy_prob)
+    amount = per_span(k_amount, shape, spans,
+                      lambda k, s: jax.random.uniform(k, s, maxval=obj.mmu_noisy_max))
+    is_mmu = (batch['task'] == TASK_IDS['mmu']) & ~batch['gen_mask']
+    t = jnp.where(is_mmu & noisy, 1.0 - amount, t)
+  return jnp.where(batch['span_ids'] > 0, t, 1.0)
+
+
+def add_noise(key, x_BTP, t_BT, noise_scale: float) -> tuple[jax.Array, jax.Array]:
+  """x_t = t x + (1 - t) e; tokens with t = 1 stay clean."""
+  e_BTP = jax.random.normal(key, x_BTP.shape, jnp.float32) * noise_scale
+  t = t_BT[..., None]
+  return t * x_BTP + (1.0 - t) * e_BTP, e_BTP
+
+
+def flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, t_eps: float) -> tuple[jax.Array, jax.Array]:
+  """(mean |x_hat - x|^2 / max(1 - t, t_eps)^2 over target patches and pixels, #targets)."""
+  weight_BT = 1.0 / jnp.maximum(1.0 - t_BT, t_eps) ** 2
+  sq_BT = jnp.mean(jnp.square(x_hat_BTP.astype(jnp.float32) - x_BTP), axis=-1)
+  mask = target_BT.astype(jnp.float32)
+  count = mask.sum()
+  return jnp.sum(sq_BT * weight_BT * mask) / jnp.maximum(count, 1.0), count
+
+
+def text_loss(hidden_BTD, head_DV, targets_BT, loss_mask_BT,
+              chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over target tokens, #targets), logits computed chunk by chunk."""
+  d = hidden_BTD.shape[-1]
+  h_ND = hidden_BTD.reshape(-1, d)
+  y_N, m_N = targets_BT.reshape(-1), loss_mask_BT.reshape(-1).astype(jnp.float32)
+  n = h_ND.shape[0]
+  chunk = min(chunk_size, n)
+  pad = (-n) % chunk
+  h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
+  y_N, m_N = jnp.pad(y_N, (0, pad)), jnp.pad(m_N, (0, pad))
+
+  @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them
+  def chunk_nll(h_CD, y_C, m_C):
+    logits = jnp.dot(h_CD, head_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y_C[:, None], 1)[:, 0]
+    return jnp.sum(nll * m_C)
+
+  def body(total, xs):
+    return total + chunk_nll(*xs), None
+
+  shape = (-1, chunk)
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (h_ND.reshape(*shape, d), y_N.reshape(shape), m_N.reshape(shape)))
+  count = loss_mask_BT.astype(jnp.float32).sum()
+  return total / jnp.maximum(count, 1.0), count
+
+
+def sample_patch_drop(key, batch: dict, masking: ml_collections.ConfigDict,
+                      active) -> jax.Array:
+  """Masked patch tokens [B, T]: chosen samples (prob sample_prob) drop a U(0, max_ratio) share."""
+  k_pick, k_ratio, k_tok = jax.random.split(key, 3)
+  seg, shape = batch['segment_ids'], batch['segment_ids'].shape
+  picked = per_span(k_pick, shape, seg,
+                    lambda k, s: jax.random.uniform(k, s) < masking.sample_prob)
+  ratio = per_span(k_ratio, shape, seg,
+                   lambda k, s: jax.random.uniform(k, s, maxval=masking.max_ratio))
+  drop = jax.random.uniform(k_tok, shape) < ratio
+  return batch['is_patch'] & picked & drop & active
+
+
+def masking_active(step, total_steps: int, masking: ml_collections.ConfigDict):
+  return masking.enabled & (step >= int(masking.start_fraction * total_steps))
+
+
+def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDict):
+  """Total = text_coeff * text + flow_coeff * flow, with the metrics beside it."""
+  obj = config.objective
+  k_t, k_noise, k_mask = jax.random.split(key, 3)
+  x_BTP = to_unit_range(batch['patches'])
+  t_BT = sample_timesteps(k_t, batch, obj)
+  x_t_BTP, _ = add_noise(k_noise, x_BTP, t_BT, obj.noise_scale)
+  drop_BT = None
+  if config.masking.enabled:
+    drop_BT = sample_patch_drop(k_mask, batch, config.masking,
+                                masking_active(step, config.total_steps, config.masking))
+  hidden_BTD, x_hat_BTP = model(batch, x_t_BTP, t_BT, drop_BT)
+  text, n_text = text_loss(hidden_BTD, model.decoder.head_weight(), batch['targets'],
+                           batch['loss_mask'])
+  target_BT = batch['gen_mask'] & batch['is_patch']
+  flow, n_flow = flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, obj.t_eps)
+  loss = obj.text_coeff * text + obj.flow_coeff * flow
+  return loss, {'loss': loss, 'text_loss': text, 'flow_loss': flow, 'text_tokens': n_text,
+                'flow_tokens': n_flow}

@@ -1,0 +1,119 @@
+"""The training state (parameters, optimizer state, EMA, step) and how it is built or loaded.
+
+The state is a plain dict pytree {'step', 'params', 'opt', 'ema'}; 'params' and 'ema' are
+nnx.State trees whose Variables keep their logical axes, and optax states built from them keep
+those axes too, so sharding.tree_shardings covers the whole state with one rules table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from tuna2_jax import checkpoint as ckpt_lib
+from tuna2_jax import sharding
+from tuna2_jax.models.tuna import Tuna, validate_model_config
+
+# Logical names ride on Variables as metadata; placement happens through jit out_shardings.
+nnx.use_eager_sharding(False)
+
+
+def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, optim.lr, max(1, optim.warmup_steps))
+  rest = max(1, total_steps - optim.warmup_steps)
+  if optim.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(optim.lr, rest, alpha=optim.min_lr_ratio)
+  elif optim.schedule == 'constant':
+    decay = optax.constant_schedule(optim.lr)
+  else:
+    raise ValueError(f'optim.schedule={optim.schedule!r}: expected cosine or constant')
+  return optax.join_schedules([warmup, decay], [optim.warmup_steps])
+
+
+def trainable_labels(params: nnx.State, pattern: str):
+  """'train' / 'freeze' per parameter: a path is trained iff the regex matches it ('' = all)."""
+  regex = re.compile(pattern) if pattern else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'train' if regex is None or regex.search(
+          '/'.join(str(getattr(k, 'key', k)) for k in path)) else 'freeze', params)
+
+
+def optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
+  o = config.optim
+  adamw = optax.adamw(learning_rate(o, config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay)
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+  if not o.trainable:
+    return tx
+  # Frozen parameters get set_to_zero, which keeps no optimizer state for them.
+  return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()},
+                               trainable_labels(params, o.trainable))
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> Tuna:
+  return Tuna(config.model, rngs=nnx.Rngs(config.seed if seed is None else seed))
+
+
+def abstract_model(config: ml_collections.ConfigDict):
+  """(graphdef, abstract params) without allocating anything."""
+  model = nnx.eval_shape(lambda: build_model(config))
+  return nnx.split(model, nnx.Param)
+
+
+def init_state(config: ml_collections.ConfigDict, graphdef=None) -> dict:
+  model = build_model(config)
+  _, params = nnx.split(model, nnx.Param)
+  tx = optimizer(config, params)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params),
+          'ema': jax.tree.map(jnp.copy, params)}
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> dict:
+  return jax.eval_shape(lambda: init_state(config))
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh) -> tuple[dict, dict]:
+  """(abstract state, its NamedShardings) for the configured rules on this mesh."""
+  abstract = abstract_state(config)
+  return abstract, sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+
+
+def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> dict:
+  """Initialises the state directly into its shardings (never whole on one device)."""
+  _, shardings = state_shardings(config, mesh)
+  return jax.jit(lambda: init_state(config), out_shardings=shardings)()
+
+
+def with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  text = ckpt_lib.read_config(workdir)
+  if text is None:
+    raise FileNotFoundError(f'{workdir}/config.json not found: is {workdir!r} a training workdir?')
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
+  """The trained model of a workdir's latest checkpoint: (model, config, step)."""
+  config = load_config(workdir)
+  validate_model_config(config.model, config.data.image_size)
+  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  abstract, shardings = state_shardings(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=1,
+                               async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints')
+  state, _, _ = ckpt.restore(step, with_shardings(abstract, shardings))
+  ckpt.close()
+  graphdef, _ = abstract_model(config)
+  return nnx.merge(graphdef, state['ema' if use_ema else 'params']), config, step
