@@ -93,6 +93,7 @@ class Checkpointer:
             policies.PreemptionCheckpointingPolicy()]),
         preservation_policy=policies.LatestN(n=keep),
         enable_async_checkpointing=async_save,
+        create=False,  # opening a workdir to read must not create its checkpoints dir; save does
         cleanup_tmp_directories=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from tuna2_jax import cli
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import sampling
 from tuna2_jax import train_state
@@ -166,4 +167,4 @@ if __name__ == '__main__':
   # Defined here, not at import, so train.py can import this module beside its own flags.
   flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
   flags.DEFINE_bool('skip_untrained_baseline', False, 'Skip sampling a freshly initialised model.')
-  app.run(main)
+  cli.run(main)

@@ -81,6 +81,8 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
     return params, jnp.where(i < steps - 1, x + 0.5 * dt * (v + v_next), x_next)
 
   _, x = jax.lax.fori_loop(0, steps, step, (params, noise))
+  # Only generated tokens were meant to move; every other slot returns its clean input.
+  x = jnp.where(batch['gen_mask'][..., None], x, objectives.to_unit_range(batch['patches']))
   return jnp.clip(x, -1.0, 1.0)
 
 

@@ -1,4 +1,4 @@
-"""Trains Tuna-2 / Tuna-R.
+r"""Trains Tuna-2 / Tuna-R.
 
   python -m tuna2_jax.train --config=experiments/shapes.py[:args] --workdir=DIR \
       [--config.total_steps=2000 ...]
@@ -10,7 +10,6 @@ checkpoint). Re-running with the same workdir resumes from its latest checkpoint
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -23,6 +22,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
+from tuna2_jax import cli
 from tuna2_jax import evaluate as eval_lib
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
@@ -43,9 +43,10 @@ def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
     raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
                      f'{config.model.vocab_size}')
   for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
-              'checkpoint_every'):
+              'checkpoint_every', 'keep_checkpoints'):
     if config[key] <= 0:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
+  train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation):
@@ -76,10 +77,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok = Tokenizer.load(config.data.tokenizer or None)
   validate(config, tok)
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
 
   # --- mesh ---
   mesh = sharding.make_mesh(config.mesh)
+  batch_shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  if config.batch_size % batch_shards:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {batch_shards} '
+                     f'batch shards of the mesh {dict(mesh.shape)}')
 
   # --- state: resume, or initialise directly into its shardings ---
   graphdef, _ = train_state.abstract_model(config)
@@ -94,6 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = train_state.create_sharded_state(config, mesh)
     start = 0
+  # Written only after the restore: a checkpoint of another model raises there, untouched.
   if lead:
     ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
 
@@ -143,10 +148,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  cli.config_file()
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -98,7 +98,8 @@ def with_shardings(abstract, shardings):
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   text = ckpt_lib.read_config(workdir)
   if text is None:
-    raise FileNotFoundError(f'{workdir}/config.json not found: is {workdir!r} a training workdir?')
+    raise FileNotFoundError(f'no checkpoint to load: {workdir!r} has no config.json, so it is not '
+                            'a training workdir')
   return ml_collections.ConfigDict(json.loads(text))
 
 

@@ -78,6 +78,8 @@ def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
   ds = grain.MapDataset.range(_NUM_ROWS)[process_index::process_count]
   ds = ds.map(functools.partial(shapes_row, config=config, tok=tok))
   ds = ds.batch(local_batch, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.data.worker_count),
-                                            prefetch_buffer_size=4))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  if config.data.worker_count > 0:
+    # Rows are generated in worker processes; the iterator state stays checkpointable.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
   return it

@@ -1,0 +1,58 @@
+"""Tuna-2 at the paper's 7B scale: Qwen2.5-7B decoder, 16-block flow head of width 3584.
+
+About 12.6B parameters (decoder ~7.6B, head ~5.0B). Patch 16 on 512-class images. Launch on a
+pod or cluster (launch/) with a mesh sized for it, e.g.
+
+  python -m tuna2_jax.train --config=experiments/tuna2_7b.py --workdir=gs://BUCKET/tuna2_7b \
+      --config.mesh.fsdp=-1 --config.mesh.data=1
+
+Args: runlocal=True shrinks the widths for a smoke run with the same structure.
+"""
+
+from tuna2_jax import config_lib
+
+# Qwen2.5's embedding has 152064 rows; the multimodal special tokens are appended after them.
+QWEN_VOCAB = 152064
+ADDED_SPECIAL_TOKENS = 64
+
+
+def model_config(vision: str):
+  return config_lib.model(
+      vision, patch_size=16, vocab_size=QWEN_VOCAB + ADDED_SPECIAL_TOKENS,
+      dec=config_lib.qwen2_5_7b(),
+      head=config_lib.flow_head(16, 56, 14, 64, 18944, rope_split=(16, 24, 24)),
+      encoder=config_lib.siglip2_so400m_16(max_grid=64))
+
+
+def get_config(arg: str | None = None, vision: str = 'patch'):
+  args = config_lib.parse_arg(arg, runlocal=False)
+  c = config_lib.base(model_config(vision))
+  c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
+  # Stage 1 of the paper: 300k steps, AdamW 1e-4, 16k-token sequences, 7 : 3 gen : und.
+  c.total_steps = 300_000
+  c.seq_len = 16_384
+  c.batch_size = 256
+  c.log_every = 50
+  c.eval_every = 5_000
+  c.checkpoint_every = 1_000
+  c.data.image_size = 512
+  c.data.tokenizer = ''
+  c.data.weights.update(t2i=0.5, edit=0.06, mmu=0.24, text=0.2)
+  c.optim.update(lr=1e-4, warmup_steps=1_000, ema_decay=0.9999)
+  c.objective.update(noise_scale=2.0, mmu_noisy_prob=0.1)
+  c.masking.update(enabled=True, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5)
+  c.sampling.update(sampler='euler', steps=50, cfg_scale=3.0)
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  if args.runlocal:
+    c.model.update(dtype='float32', remat='none')
+    c.model.decoder.update(num_layers=2, width=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                           mlp_dim=128)
+    c.model.head.update(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+                        rope_split=(4, 6, 6))
+    c.model.encoder.update(width=32, num_layers=1, num_heads=2, mlp_dim=64)
+    c.model.vocab_size = 128
+    c.update(total_steps=4, seq_len=256, batch_size=2, log_every=1, eval_every=4,
+             checkpoint_every=2)
+    c.data.image_size = 64
+    c.optim.warmup_steps = 1
+  return c

@@ -1,0 +1,16 @@
+"""Tuna-R at 7B: the same decoder and flow head as tuna2_7b.py, with a SigLIP 2 So400M/16
+encoder (26 of its 27 layers, no post-norm) and the RMSNorm -> Linear -> GELU -> Linear
+connector in place of the patch embedding.
+
+  python -m tuna2_jax.train --config=experiments/tuna_r_7b.py --workdir=gs://BUCKET/tuna_r_7b
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tuna2_7b  # noqa: E402  (the sibling config this one differs from in one key)
+
+
+def get_config(arg: str | None = None):
+  return tuna2_7b.get_config(arg, vision='encoder')

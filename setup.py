@@ -1,0 +1,35 @@
+"""tuna2_jax: Tuna-2 (encoder-free unified multimodal model) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='tuna2_jax',
+    version='0.1.0',
+    description='Tuna-2 and Tuna-R unified multimodal models in JAX/Flax: pixel-space flow '
+                'matching and next-token understanding in one decoder.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['tuna2_jax', 'tuna2_jax.*']),
+    package_data={'tuna2_jax.data': ['assets/*.model']},
+    install_requires=[
+        'jax>=0.7',
+        'flax>=0.12',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11',
+        'grain>=0.2.12',
+        'ml-collections>=1.0',
+        'sentencepiece>=0.2',
+        'numpy',
+        'pillow',
+        'tqdm',
+        'tensorboardX',
+        'absl-py',
+    ],
+    extras_require={
+        'test': ['pytest>=8'],
+        'tfds': ['tensorflow-datasets'],
+        'gpu': ['jax[cuda12]'],
+        'tpu': ['jax[tpu]'],
+    },
+)

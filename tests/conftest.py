@@ -1,0 +1,64 @@
+"""Shared test set-up: eight fake CPU devices, the repo root importable, a `slow` marker.
+
+XLA_FLAGS and JAX_PLATFORMS only take effect before jax is first imported, which is why they are
+set at the top of this file (pytest imports conftest.py before any test module). A persistent
+compilation cache, private to the session, lets the several tiny training runs of
+test_training.py compile their (identical) programs once.
+"""
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='tuna2_jax_test_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+else:
+  _CACHE_DIR = None
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: runs a whole (tiny) training or sampling loop')
+
+
+def pytest_unconfigure(config):
+  if _CACHE_DIR is not None:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def load_experiment(name: str, arg: str | None = None):
+  """get_config(arg) of experiments/<name>.py, loaded by path as --config=<file>:<arg> does."""
+  path = os.path.join(REPO_ROOT, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def perturbed_params(model, scale: float = 0.05, seed: int = 0):
+  """Adds N(0, scale^2) to every parameter of `model` in place.
+
+  Zero-initialised layers (the flow head's output and AdaLN) would otherwise make x_hat
+  identically zero and every test of the head's dependencies vacuous.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  rng = np.random.default_rng(seed)
+  # On the host: one small compiled program per parameter shape would cost seconds on a CPU.
+  params = jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype),
+      nnx.state(model, nnx.Param))
+  nnx.update(model, params)
+  return model

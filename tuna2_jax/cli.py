@@ -1,0 +1,138 @@
+"""What the command-line tools share: one-line errors for user mistakes, and reading input images.
+
+Every tool ends with
+
+  if __name__ == '__main__':
+    flags.DEFINE_...(...)  # here, not at import, so the tools can import each other
+    cli.run(main)
+
+User mistakes are reported as `error: ...` on stderr with exit code 2 and no traceback:
+  - a bad flag, a config file that fails to load, or a `--config.a.b=` override of a key the
+    config does not have (ml_collections raises that as a KeyError/AttributeError, not a flag
+    error);
+  - app.UsageError, InputError;
+  - ValueError or FileNotFoundError raised by this package's own code: it raises them only with a
+    message for the user that names the bad value (an impossible config, a checkpoint of another
+    model, a workdir without a checkpoint). The same types raised inside a library are bugs and
+    keep their traceback, as does everything else.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import sys
+from typing import Callable, NoReturn
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+EXIT_USER_ERROR = 2
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class InputError(ValueError):
+  """An input file given on the command line cannot be used."""
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: message` (details on further lines) to stderr and exits with code 2."""
+  print(f'error: {message.strip() or "(no message)"}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _raised_here(e: BaseException) -> bool:
+  """Whether e comes from a `raise` statement in this package's code (not from a call it made)."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None:
+    return False
+  filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+  # The line test tells a deliberate raise from a C-implemented call (numpy) failing in our code.
+  return (filename.startswith(_PACKAGE_DIR) and
+          linecache.getline(filename, tb.tb_lineno).lstrip().startswith('raise '))
+
+
+def _message(e: BaseException) -> str:
+  """The text of an exception; unwraps ml_collections' AttributeError(KeyError('msg'))."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = str(e.args[0] if len(e.args) == 1 else e)
+  return '; '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _unknown_key(argv: list[str], e: BaseException) -> str | None:
+  """'--config.a.b=1: ...' when e is ml_collections refusing an override's key, else None."""
+  detail = _message(e)
+  for arg in argv[1:]:
+    # An override is --<config flag>.<dotted path>[=value]; plain flag names have no dots.
+    m = re.match(r'--?(\w+)\.([\w.]+)', arg)
+    if not m or m.group(1) not in flags.FLAGS:
+      continue
+    path = m.group(2)
+    if path in detail or any(f"'{p}'" in detail or f'"{p}"' in detail for p in path.split('.')):
+      return f'{arg}: the config has no such key ({detail})'
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # A config file's own exception comes wrapped with its traceback text: keep its last line.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith('Traceback') for line in lines):
+      lines = [lines[0], lines[-1]]
+    fail(' '.join(lines))
+  except (AttributeError, KeyError) as e:
+    message = _unknown_key(argv, e)
+    if message is None:
+      raise
+    fail(message)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """app.run(main), reporting user mistakes (see the module docstring) in one line."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except (app.UsageError, InputError) as e:
+      fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+      if not _raised_here(e):
+        raise
+      fail(str(e))
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def config_file(flag_name: str = 'config') -> str:
+  """The path of a config-file flag, checked to exist (config_flags defers a load error)."""
+  if not flags.FLAGS[flag_name].present:
+    raise app.UsageError(f'--{flag_name} is required')
+  # The filename comes back with its ':args' part.
+  path = config_flags.get_config_filename(flags.FLAGS[flag_name]).split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--{flag_name}: config file {path!r} not found')
+  return path
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """The image at `path` as uint8 (size, size, 3) RGB, bicubic-resized when it is another size."""
+  if not os.path.exists(path):
+    raise InputError(f'image {path!r} not found')
+  if not os.path.isfile(path):
+    raise InputError(f'image {path!r} is not a file')
+  try:
+    with Image.open(path) as im:
+      rgb = im.convert('RGB')
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise InputError(f'image {path!r} could not be read: {e}') from None
+  if rgb.size != (size, size):
+    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(rgb, np.uint8)

@@ -1,0 +1,129 @@
+"""Config building blocks shared by experiments/*.py: defaults, named model sizes, arg parsing.
+
+Experiment files compose these and set their own values; every number from the paper lives in
+a config, never in model code.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b=True' (the part after ':' in --config=file.py:...) with typed defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(f'config arg {item!r}: expected key=value with key in {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config arg {key}={value!r}: expected true or false')
+      out[key] = value.lower() in ('true', '1')
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def decoder(num_layers, width, num_heads, num_kv_heads, head_dim, mlp_dim, *, rope_theta=1e6,
+            norm_eps=1e-6, qkv_bias=True, tie_embeddings=False) -> ml_collections.ConfigDict:
+  """A Qwen2-style decoder."""
+  return ml_collections.ConfigDict(dict(
+      num_layers=num_layers, width=width, num_heads=num_heads, num_kv_heads=num_kv_heads,
+      head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=rope_theta, norm_eps=norm_eps,
+      qkv_bias=qkv_bias, tie_embeddings=tie_embeddings))
+
+
+def flow_head(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, rope_split, *,
+              rope_theta=1e4) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+      mlp_dim=mlp_dim, rope_theta=rope_theta, rope_split=tuple(rope_split)))
+
+
+def vision_encoder(width, num_layers, num_heads, mlp_dim, max_grid, *,
+                   norm_eps=1e-6) -> ml_collections.ConfigDict:
+  """A SigLIP-style ViT (Tuna-R's representation encoder)."""
+  return ml_collections.ConfigDict(dict(width=width, num_layers=num_layers, num_heads=num_heads,
+                                        mlp_dim=mlp_dim, max_grid=max_grid, norm_eps=norm_eps))
+
+
+def qwen2_5_7b() -> ml_collections.ConfigDict:
+  return decoder(28, 3584, 28, 4, 128, 18944)
+
+
+def qwen2_5_1_5b() -> ml_collections.ConfigDict:
+  return decoder(28, 1536, 12, 2, 128, 8960, tie_embeddings=True)
+
+
+def siglip2_so400m_16(max_grid: int = 64) -> ml_collections.ConfigDict:
+  """So400M/16 with its 27th layer dropped (26 used) as the paper does."""
+  return vision_encoder(1152, 26, 16, 4304, max_grid)
+
+
+def model(vision: str, patch_size: int, vocab_size: int, dec, head,
+          encoder=None) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.vision = vision  # 'patch' (Tuna-2) | 'encoder' (Tuna-R)
+  m.patch_size = patch_size
+  m.vocab_size = vocab_size
+  m.time_embed_freqs = 256
+  m.dtype = 'float32'  # compute dtype; parameters are stored in param_dtype
+  m.param_dtype = 'float32'
+  m.remat = 'none'  # models/transformer.py REMAT_POLICIES
+  m.attention = 'dense'
+  m.decoder = dec
+  m.head = head
+  m.encoder = encoder or vision_encoder(128, 2, 4, 384, 16)
+  return m
+
+
+def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with the paper's recipe defaults where it gives one."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 16
+  c.seq_len = 256
+  c.log_every = 25
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.model = model_cfg
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shapes'
+  c.data.image_size = 64
+  c.data.max_objects = 3
+  # Stream weights; generation (t2i + edit) : understanding (mmu) = 7 : 3 as in the paper.
+  c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
+  c.data.worker_count = 0
+  c.data.tokenizer = ''  # '' = the shipped shapes SentencePiece model
+
+  c.objective = ml_collections.ConfigDict(dict(
+      text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
+      caption_dropout=0.1,  # prompt dropped -> null prompt, for classifier-free guidance
+      mmu_noisy_prob=0.0, mmu_noisy_max=0.1))  # reference code: 0.1 of mmu images at 1-U(0,.1)
+
+  c.masking = ml_collections.ConfigDict(dict(
+      enabled=False, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+      warmup_steps=1000, schedule='cosine', min_lr_ratio=0.1, ema_decay=0.9999,
+      trainable=''))  # regex over parameter paths; '' trains everything
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      sampler='euler', steps=50, cfg_scale=3.0, cfg_interval=(0.0, 1.0),
+      max_new_tokens=32, temperature=0.0))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # The one logical-axis -> mesh-axis table; parameters, optimizer state and EMA all use it.
+  c.sharding_rules = (('layers', None), ('embed', 'fsdp'), ('mlp', 'tensor'),
+                      ('heads', 'tensor'), ('kv_heads', 'tensor'), ('vocab', 'tensor'),
+                      ('patch', None))
+  return c

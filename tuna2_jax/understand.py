@@ -1,0 +1,57 @@
+r"""Answers a question about an image with a trained workdir's EMA model.
+
+  python -m tuna2_jax.understand --workdir=runs/shapes --image img.png \
+      --question "what colour is the circle?" [--max_new_tokens N] [--temperature T] [--seed 0]
+
+The image is read as RGB and resized (bicubic) to the config's data.image_size when it is another
+size. Prints the answer (greedy unless --temperature > 0; other settings from config.sampling).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from absl import app, flags
+
+from tuna2_jax import cli
+from tuna2_jax import evaluate
+from tuna2_jax import train_state
+from tuna2_jax.data.tokenizer import Tokenizer
+
+
+def answer(workdir: str, image_path: str, question: str, *, max_new_tokens: int | None = None,
+           temperature: float | None = None, seed: int = 0) -> str:
+  image = cli.read_image(image_path, train_state.load_config(workdir).data.image_size)
+  model, config, _ = train_state.load_model(workdir, use_ema=True)
+  if temperature is not None:
+    config.sampling.temperature = temperature
+  tok = Tokenizer.load(config.data.tokenizer or None)
+  return evaluate.answer_questions(model, tok, config, [image], [question], jax.random.key(seed),
+                                   max_new_tokens=max_new_tokens)[0]
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  for name in ('workdir', 'image', 'question'):
+    if f[name].value is None:
+      raise app.UsageError(f'--{name} is required')
+  if f.max_new_tokens is not None and f.max_new_tokens < 1:
+    raise app.UsageError(f'--max_new_tokens={f.max_new_tokens}: expected at least 1')
+  if f.temperature is not None and f.temperature < 0:
+    raise app.UsageError(f'--temperature={f.temperature}: expected >= 0')
+  print(answer(f.workdir, f.image, f.question, max_new_tokens=f.max_new_tokens,
+               temperature=f.temperature, seed=f.seed))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so the tools can import each other.
+  flags.DEFINE_string('workdir', None, 'Training workdir whose latest checkpoint is used.')
+  flags.DEFINE_string('image', None, 'Image file (any size; resized to the model\'s).')
+  flags.DEFINE_string('question', None, 'Question about the image.')
+  flags.DEFINE_integer('max_new_tokens', None, 'Answer length limit (default: config).')
+  flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 is greedy (default: config).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed (used when temperature > 0).')
+  cli.run(main)
