@@ -226,21 +226,24 @@ def test_packed_segments_do_not_see_each_other(packed_model):
 # --- RoPE ---
 
 
-def test_sectioned_rope_with_equal_coordinates_is_1d_rope():
+def test_1d_rope_matches_the_qwen2_formula():
   pos = np.random.default_rng(0).integers(0, 500, (2, 9)).astype(np.int32)
-  cos1, sin1 = rope_lib.rope_tables(pos, 16, 1e4)
-  cos3, sin3 = rope_lib.rope_tables(np.repeat(pos[..., None], 3, -1), 16, 1e4, (4, 6, 6))
-  np.testing.assert_allclose(cos3, cos1, rtol=0, atol=1e-6)
-  np.testing.assert_allclose(sin3, sin1, rtol=0, atol=1e-6)
+  cos, sin = rope_lib.rope_tables(pos, 16, 1e4)
+  inv_freq = 1e4 ** (-np.arange(0, 16, 2) / 16)
+  angles = np.concatenate([pos[..., None] * inv_freq] * 2, axis=-1)
+  np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-5)
 
 
 def test_sectioned_rope_rotates_each_section_by_its_coordinate():
   pos = np.random.default_rng(1).integers(0, 50, (1, 4, 3)).astype(np.int32)
   head_dim, theta, sections = 16, 100.0, (4, 6, 6)
   cos, _ = rope_lib.rope_tables(pos, head_dim, theta, sections)
-  coord = [0] * 2 + [1] * 3 + [2] * 3  # frequency pair f -> the coordinate of its section
-  for f in range(head_dim // 2):
-    angle = pos[..., coord[f]] * theta ** (-2 * f / head_dim)
+  # frequency pair f -> (coordinate, index inside its section, section dims)
+  pairs = [(0, i, 4) for i in range(2)] + [(1, i, 6) for i in range(3)] + \
+      [(2, i, 6) for i in range(3)]
+  for f, (c, i, dim) in enumerate(pairs):
+    angle = pos[..., c] * theta ** (-2 * i / dim)
     np.testing.assert_allclose(cos[..., f], np.cos(angle), atol=1e-5)
     np.testing.assert_allclose(cos[..., f + head_dim // 2], np.cos(angle), atol=1e-5)
 

@@ -1,8 +1,10 @@
 """Rotary position embeddings: 1D for the decoder, sectioned (t, h, w) 3D for the flow head.
 
-Both use the rotate-half layout of Qwen2 so decoder weights load unchanged. The 3D form splits
-the frequency ladder of one head into sections, each rotated by one coordinate; a text token
-carries the same value in every coordinate, which makes it exactly the 1D rotation.
+Both use the rotate-half layout of Qwen2 so decoder weights load unchanged. The 3D form gives
+each section of the head dims its own full frequency ladder (theta^(-2i/d_section)) driven by
+one coordinate, so rows and columns are both resolved at every scale; a shared ladder would
+hand the last section only the lowest frequencies and leave it nearly blind. Text tokens carry
+their 1D position in every coordinate.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ def rope_tables(pos_BTC: jax.Array, head_dim: int, theta: float,
     raise ValueError(f'rope sections {sections} must be even and sum to head_dim {head_dim}')
   if len(sections) != pos_BTC.shape[-1]:
     raise ValueError(f'{len(sections)} rope sections for {pos_BTC.shape[-1]} coordinates')
-  inv_freq_F = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  coord_of_freq = jnp.repeat(jnp.arange(len(sections)), jnp.array(sections) // 2,
-                             total_repeat_length=head_dim // 2)
-  pos_BTF = jnp.take(pos_BTC.astype(jnp.float32), coord_of_freq, axis=-1)
-  angles_BTF = pos_BTF * inv_freq_F
+  angles = []
+  for c, dim in enumerate(sections):
+    inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles.append(pos_BTC[..., c:c + 1].astype(jnp.float32) * inv_freq)
+  angles_BTF = jnp.concatenate(angles, axis=-1)
   angles_BTK = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)
   return jnp.cos(angles_BTK), jnp.sin(angles_BTK)
 
