@@ -1,4 +1,14 @@
-"""The SentencePiece tokenizer, with the image markers the unified sequence needs.
+"""Tokenizers: one interface, two implementations, the same special tokens in both.
+
+  SentencePieceTokenizer  a .model file: the shipped shapes model (the default) and
+                          SentencePiece models built with the image markers as control symbols
+  HFTokenizer             a Hugging Face tokenizer.json (Qwen2 / Qwen2.5 and the like)
+
+Every tokenizer gives the ids the sequence format needs: pad, bos, eos and the image markers
+<boi>, <eoi>, <img>. None of them can be produced from text: SentencePiece control symbols are
+never emitted by encode, and the Hugging Face tokenizer gets the ones it lacks appended after its
+vocabulary (and after the model's embedding rows, read from config.json beside it), outside
+anything its pre-tokenizer can match. `Tokenizer.load(path)` picks the implementation.
 
 Regenerate the shipped model (deterministic, under a second):
 
@@ -7,6 +17,7 @@ Regenerate the shipped model (deterministic, under a second):
 
 import argparse
 import io
+import json
 import os
 
 import sentencepiece as spm
@@ -18,10 +29,63 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # Control symbols: they get ids but SentencePiece never produces them from text, so a prompt
 # that spells '<img>' cannot forge an image position.
 BOI, EOI, IMG = '<boi>', '<eoi>', '<img>'
+HF_TOKENIZER_FILE = 'tokenizer.json'
 
 
 class Tokenizer:
-  """Text <-> ids. Ids: pad 0, unk 1, bos 2, eos 3, then <boi>, <eoi>, <img>, then text pieces."""
+  """Text <-> ids, with the special ids of the sequence format (see the module docstring)."""
+
+  pad_id: int
+  bos_id: int
+  eos_id: int
+  boi_id: int
+  eoi_id: int
+  img_id: int
+
+  @staticmethod
+  def load(path: str | None = None) -> 'Tokenizer':
+    """'' or None: the shipped model; a .model file: SentencePiece; a tokenizer.json or a folder
+    holding one: Hugging Face."""
+    path = path or SHIPPED_MODEL
+    if os.path.isdir(path) or path.endswith('.json'):
+      return HFTokenizer.load(path)
+    return SentencePieceTokenizer.load(path)
+
+  @property
+  def vocab_size(self) -> int:
+    raise NotImplementedError
+
+  def pieces(self) -> list[str]:
+    raise NotImplementedError
+
+  def encode(self, text: str) -> list[int]:
+    """Text pieces only; the caller adds BOS / EOS where the sequence format wants them."""
+    raise NotImplementedError
+
+  def _decode_ids(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def decode(self, ids) -> str:
+    """Text up to the first EOS, without pad, bos or image tokens."""
+    skip = {self.pad_id, self.bos_id, self.boi_id, self.eoi_id, self.img_id}
+    kept = []
+    for i in map(int, ids):
+      if i == self.eos_id:
+        break
+      # The model's vocabulary may be larger than this tokenizer's; such ids carry no text.
+      if i not in skip and 0 <= i < self.text_vocab_size:
+        kept.append(i)
+    return self._decode_ids(kept)
+
+  @property
+  def text_vocab_size(self) -> int:
+    """Ids below this may carry text."""
+    return self.vocab_size
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model whose ids are pad 0, unk 1, bos 2, eos 3, then <boi>, <eoi>, <img>
+  as control symbols, then text pieces (how train_shapes_tokenizer builds one)."""
 
   def __init__(self, processor: spm.SentencePieceProcessor, name: str = '<memory>'):
     self._sp = processor
@@ -34,10 +98,9 @@ class Tokenizer:
       if got != want:
         raise ValueError(f'tokenizer {name!r} has {what} id {got}: expected {want}')
     self._boi, self._eoi, self._img = (processor.piece_to_id(p) for p in (BOI, EOI, IMG))
-    self._skip = {PAD, BOS, self._boi, self._eoi, self._img}
 
   @classmethod
-  def load(cls, path: str | None = None) -> 'Tokenizer':
+  def load(cls, path: str | None = None) -> 'SentencePieceTokenizer':
     """Loads a .model file; None or '' is the shipped shapes model."""
     path = path or SHIPPED_MODEL
     if not os.path.isfile(path):
@@ -79,16 +142,82 @@ class Tokenizer:
     """Text pieces only; the caller adds BOS / EOS where the sequence format wants them."""
     return self._sp.encode(text, out_type=int)
 
-  def decode(self, ids) -> str:
-    """Text up to the first EOS, without pad, bos or image tokens."""
-    kept = []
-    for i in map(int, ids):
-      if i == EOS:
-        break
-      # The model's vocabulary may be larger than this tokenizer's; such ids carry no text.
-      if i not in self._skip and 0 <= i < self.vocab_size:
-        kept.append(i)
-    return self._sp.decode(kept)
+  def _decode_ids(self, ids: list[int]) -> str:
+    return self._sp.decode(ids)
+
+
+def _token_name(value) -> str | None:
+  """A tokenizer_config.json special-token entry: a string, {'content': ...} or null."""
+  return value.get('content') if isinstance(value, dict) else value
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers` tokenizer (tokenizer.json).
+
+  bos / eos / pad are the named tokens when the tokenizer has them (tokenizer_config.json beside
+  it names them); every special token it lacks, and the image markers, get ids after its
+  vocabulary, from first_added_id on when that is larger (the model's embedding rows), in the
+  order bos, eos, pad, <boi>, <eoi>, <img>.
+  """
+
+  def __init__(self, tokenizer, *, bos: str | None = None, eos: str | None = None,
+               pad: str | None = None, first_added_id: int = 0, name: str = '<memory>'):
+    self._tok = tokenizer
+    self._base = tokenizer.get_vocab_size(with_added_tokens=True)
+    next_id = max(self._base, first_added_id)
+    self._added: dict[int, str] = {}
+    ids = {}
+    for role, token in (('bos', bos), ('eos', eos), ('pad', pad), ('boi', None), ('eoi', None),
+                        ('img', None)):
+      if token is not None:
+        ids[role] = tokenizer.token_to_id(token)
+        if ids[role] is None:
+          raise ValueError(f'tokenizer {name!r} has no token {token!r} (its {role} token)')
+      else:
+        ids[role] = next_id
+        self._added[next_id] = {'boi': BOI, 'eoi': EOI, 'img': IMG}.get(role, f'<{role}>')
+        next_id += 1
+    self._vocab = next_id
+    self.pad_id, self.bos_id, self.eos_id = ids['pad'], ids['bos'], ids['eos']
+    self.boi_id, self.eoi_id, self.img_id = ids['boi'], ids['eoi'], ids['img']
+
+  @classmethod
+  def load(cls, path: str) -> 'HFTokenizer':
+    """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json)."""
+    import tokenizers
+    folder, file = (path, os.path.join(path, HF_TOKENIZER_FILE)) if os.path.isdir(path) else (
+        os.path.dirname(path), path)
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f'tokenizer {file!r} not found')
+    special = {}
+    config_path = os.path.join(folder, 'tokenizer_config.json')
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        config = json.load(f)
+      special = {role: _token_name(config.get(f'{role}_token')) for role in ('bos', 'eos', 'pad')}
+    rows = 0
+    model_config = os.path.join(folder, 'config.json')
+    if os.path.isfile(model_config):
+      with open(model_config) as f:
+        rows = int(json.load(f).get('vocab_size') or 0)
+    return cls(tokenizers.Tokenizer.from_file(file), first_added_id=rows, name=file, **special)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab
+
+  @property
+  def text_vocab_size(self) -> int:
+    return self._base
+
+  def pieces(self) -> list[str]:
+    return [self._added.get(i) or self._tok.id_to_token(i) or '' for i in range(self._vocab)]
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def _decode_ids(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=False)
 
 
 def train_shapes_tokenizer(out_prefix: str, vocab_size: int = 128) -> str:

@@ -64,6 +64,13 @@ class VisionEncoder(nnx.Module):
 
     info must give patch tokens the span id of their image and every other token span id 0.
     """
+    h_BTE = self.features(x_BTP, drop_BT, patch_hw_BT2=patch_hw_BT2, info=info)
+    h_BTD = self.connector_fc1(self.connector_norm(h_BTE))
+    return self.connector_fc2(jax.nn.gelu(h_BTD, approximate=False))
+
+  def features(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
+               patch_hw_BT2: jax.Array, info: attn_lib.MaskInfo) -> jax.Array:
+    """The ViT's last layer's hidden states [B, T, We], before the connector."""
     h_BTE = self.patch(x_BTP)
     if drop_BT is not None:
       h_BTE = jnp.where(drop_BT[..., None], self.mask_token[...].astype(h_BTE.dtype), h_BTE)
@@ -72,5 +79,4 @@ class VisionEncoder(nnx.Module):
     h_BTE = (h_BTE + jnp.take(self.pos_embed[...], grid_index_BT, axis=0)).astype(self.dtype)
     h_BTE, _ = run_stack(self.blocks, h_BTE, lambda block, x, _: (block(x, info), None),
                          remat=self.remat)
-    h_BTD = self.connector_fc1(self.connector_norm(h_BTE))
-    return self.connector_fc2(jax.nn.gelu(h_BTD, approximate=False))
+    return h_BTE

@@ -1,0 +1,16 @@
+"""Tuna-R stage 2 (SFT): as tuna2_7b_sft.py, from the Tuna-R stage-1 parameters.
+
+  python -m tuna2_jax.train --config=experiments/tuna_r_7b_sft.py \\
+      --workdir=gs://BUCKET/tuna_r_7b_sft --config.init_from=gs://BUCKET/tuna_r_7b
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tuna2_7b  # noqa: E402
+import tuna2_7b_sft  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+  return tuna2_7b_sft.sft(tuna2_7b.get_config(arg, vision='encoder'))

@@ -1,0 +1,178 @@
+"""The paper's stages as configs: frozen parameters carry no optimizer state and do not move;
+a new stage starts from the previous stage's parameters (or pretrained weights) with a new
+optimizer, as distinct from resuming."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_experiment
+from tuna2_jax import checkpoint as ckpt_lib
+from tuna2_jax import sharding, train, train_state
+from tuna2_jax.convert import hf_folder, init_from, qwen2
+from tuna2_jax.convert.hf_folder import ConversionError
+from tuna2_jax.data import pipeline
+from tuna2_jax.data.tokenizer import Tokenizer
+
+
+def _size(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def test_stage_configs_follow_the_paper():
+  align = load_experiment('tuna_r_7b_align')
+  assert align.model.vision == 'encoder' and align.optim.trainable == 'connector'
+  assert align.optim.lr == 5e-4 and align.total_steps == 3_000
+  for name in ('tuna2_7b', 'tuna_r_7b'):
+    stage1, stage2 = load_experiment(name), load_experiment(f'{name}_sft')
+    assert stage1.optim.lr == 1e-4 and stage1.total_steps == 300_000
+    assert stage2.optim.lr == 2e-5 and stage2.total_steps == 50_000
+    assert stage2.model.vision == stage1.model.vision
+    assert stage2.model.to_dict() == stage1.model.to_dict()  # its init_from is stage 1's workdir
+  flat = hf_folder.flat_paths(train_state.abstract_model(align)[1])
+  trained = [k for k, v in train_state.trainable_labels(flat, 'connector').items()
+             if v == 'train']
+  assert trained and all(k.startswith('vision/connector_') for k in trained)
+
+
+def _encoder_config(**optim):
+  c = load_experiment('shapes', 'runlocal=True,vision=encoder')
+  c.batch_size = jax.device_count()
+  c.optim.update(schedule='constant', warmup_steps=1, **optim)
+  return c
+
+
+def test_frozen_parameters_carry_no_optimizer_state_and_do_not_move():
+  config = _encoder_config(trainable='connector', weight_decay=0.1)
+  abstract = train_state.abstract_state(config)
+  params = abstract['params']
+  connector = _size([v for k, v in hf_folder.flat_paths(params).items()
+                     if k.startswith('vision/connector_')])
+  assert 0 < connector < _size(params) // 4
+  # Adam's two moments for the connector alone, plus scalar counters.
+  opt_arrays = [x for x in jax.tree.leaves(abstract['opt']) if x.shape]
+  assert _size(opt_arrays) == 2 * connector
+
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, _ = train_state.abstract_model(config)
+  step_fn = jax.jit(train.make_train_step(config, graphdef, train_state.optimizer(config, params)))
+  state = train_state.create_sharded_state(config, mesh)
+  before = jax.tree.map(np.asarray, hf_folder.flat_paths(state['params']))
+  batch = sharding.global_batch(
+      next(iter(pipeline.train_dataset(config, Tokenizer.load()))), mesh)
+  for _ in range(2):  # the first step's learning rate is warm-up's 0
+    state, _ = step_fn(state, batch, jax.random.key(0))
+  after = hf_folder.flat_paths(state['params'])
+  for k, v in before.items():
+    moved = not np.array_equal(v, np.asarray(after[k]))
+    assert moved == k.startswith('vision/connector_'), k
+
+
+def _save_run(workdir, config, seed):
+  """A finished 'previous stage': a checkpoint of perturbed parameters and its config.json."""
+  mesh = sharding.make_mesh(config.mesh)
+  state = train_state.create_sharded_state(config, mesh)
+  rng = np.random.default_rng(seed)
+  state['params'] = jax.tree.map(lambda x: x + rng.standard_normal(x.shape).astype(x.dtype),
+                                 state['params'])
+  state['step'] = jnp.asarray(7, jnp.int32)
+  with ckpt_lib.Checkpointer(str(workdir), keep=1, save_every=1, async_save=False) as ckpt:
+    ckpt.save(7, state, force=True)
+  ckpt_lib.write_config(str(workdir), config.to_json_best_effort())
+  return state
+
+
+def _pretrained(config):
+  """What init_from / init.* load for config, without building a state."""
+  mesh = sharding.make_mesh(config.mesh)
+  abstract, shardings = train_state.state_shardings(config, mesh)
+  return init_from.pretrained_params(config, abstract['params'], shardings['params']), shardings
+
+
+@pytest.fixture(scope='module')
+def stage1(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('stage1')
+  return workdir, _save_run(workdir, load_experiment('shapes', 'runlocal=True'), seed=1)
+
+
+def test_init_from_takes_parameters_only(stage1):
+  workdir, previous = stage1
+  config = load_experiment('shapes', 'runlocal=True')
+  config.init_from = str(workdir)
+  config.optim.lr = 1e-5  # a new stage: new optimizer, new schedule
+  loaded, shardings = _pretrained(config)
+  state = init_from.start_from(
+      train_state.create_sharded_state(config, sharding.make_mesh(config.mesh)), loaded)
+  want = hf_folder.flat_paths(previous['params'])
+  assert set(loaded) == set(want)
+  for name, value in hf_folder.flat_paths(state['params']).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]))
+    assert value.sharding == hf_folder.flat_paths(shardings['params'])[name]
+  for name, value in hf_folder.flat_paths(state['ema']).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]))
+  assert int(state['step']) == 0
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state['opt']))  # fresh moments
+
+
+def test_init_from_another_model_names_the_parameter(stage1, tmp_path):
+  config = load_experiment('shapes', 'runlocal=True')
+  config.model.decoder.mlp_dim = 96
+  config.init_from = str(stage1[0])
+  with pytest.raises(ConversionError, match='decoder/blocks/mlp/down_proj/kernel'):
+    _pretrained(config)
+  config.init_from = str(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='nothing'):
+    _pretrained(config)
+
+
+def test_decoder_from_a_qwen2_folder_or_its_converted_checkpoint(tmp_path):
+  from test_convert_qwen2 import save_tiny_qwen2
+  config = load_experiment('shapes', 'runlocal=True')
+  d = config.model.decoder  # 2 layers, width 64, 4 / 2 heads of 16, MLP 128, theta 1e4
+  ref = save_tiny_qwen2(tmp_path / 'hf', vocab_size=120, hidden_size=d.width,
+                        intermediate_size=d.mlp_dim, num_hidden_layers=d.num_layers,
+                        num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
+                        rms_norm_eps=d.norm_eps,
+                        rope_parameters={'rope_type': 'default', 'rope_theta': d.rope_theta})
+  qwen2.convert(str(tmp_path / 'hf'), str(tmp_path / 'converted'), config.model.vocab_size)
+  results = []
+  for source in ('hf', 'converted'):
+    config.init.decoder_from = str(tmp_path / source)
+    loaded, shardings = _pretrained(config)
+    decoder_paths = {k for k in hf_folder.flat_paths(shardings['params'])
+                     if k.startswith('decoder/')}
+    assert set(loaded) == decoder_paths
+    results.append(loaded)
+  q1 = ref.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+  for loaded in results:
+    np.testing.assert_array_equal(np.asarray(loaded['decoder/blocks/attn/q_proj/kernel'][1]),
+                                  q1.T)
+    assert loaded['decoder/embed/embedding'].shape == (config.model.vocab_size, d.width)
+  for k in results[0]:
+    np.testing.assert_array_equal(np.asarray(results[0][k]), np.asarray(results[1][k]))
+  config.model.decoder.rope_theta = 1e6
+  for source in ('hf', 'converted'):
+    config.init.decoder_from = str(tmp_path / source)
+    with pytest.raises(ConversionError, match='rope_theta'):
+      _pretrained(config)
+
+
+def test_export_writes_safetensors_that_read_back_exactly(tmp_path):
+  from tuna2_jax.convert import export
+  rng = np.random.default_rng(0)
+  params = {'decoder': {'embed': {'embedding': rng.standard_normal((40, 8), np.float32)},
+                        'blocks': {'attn': {'q_proj': {
+                            'kernel': rng.standard_normal((2, 8, 8), np.float32)}}}},
+            'head': {'final': {'bias': jnp.arange(5, dtype=jnp.float32)}}}
+  files = export.export(params, '{"model": {}}', str(tmp_path / 'out'), shard_bytes=1500)
+  assert len(files) == 2  # 1280 + 512 + 20 bytes over 1500-byte files
+  folder = hf_folder.HFFolder(str(tmp_path / 'out'))
+  flat = hf_folder.flat_paths(params)
+  assert set(folder.shapes) == {k.replace('/', '.') for k in flat}
+  for k, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(folder.tensor(k.replace('/', '.'))), np.asarray(v))
+  with pytest.raises(ConversionError, match='already exists'):
+    export.export(params, '{}', str(tmp_path / 'out'))

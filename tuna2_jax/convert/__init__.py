@@ -1,0 +1,9 @@
+"""Import of pretrained weights (Qwen2 / Qwen2.5 decoders, SigLIP 2 vision towers) and export.
+
+  hf_folder  reads a Hugging Face folder (config.json + *.safetensors) lazily, tensor by tensor,
+             and places tensors straight into their target shardings
+  qwen2      Qwen2 / Qwen2.5 -> the decoder; `python -m tuna2_jax.convert.qwen2`
+  siglip2    SigLIP 2 vision tower -> Tuna-R's encoder
+  init_from  the parameters a run starts from (`init_from`, `init.decoder_from`, ...)
+  export     trained parameters -> safetensors + config.json
+"""
