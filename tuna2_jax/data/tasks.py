@@ -1,10 +1,12 @@
 """Task formatting: raw examples of each task stream -> the pieces of one token sequence.
 
 Raw examples are plain dicts (as data/shapes.py and the file sources produce):
-  t2i  {'prompt', 'image'}             mmu  {'image', 'question', 'answer'}
-  edit {'source', 'instruction', 'target'}   text {'text'}
+  t2i  {'prompt', 'image'}             mmu  {'image', 'question', 'answer'} or {'image', 'turns'}
+  edit {'source', 'instruction', 'target'}   text {'text'} or {'turns'}
 Prompts (captions, instructions) condition and are never trained on; answers and text-only
 data are. Dropping a prompt leaves the null prompt used for classifier-free guidance.
+`turns` is a conversation [(role, text)] with role in {'system', 'user', 'assistant'}, laid out
+by `chat_pieces`; only assistant turns are trained.
 """
 
 from __future__ import annotations
@@ -15,12 +17,33 @@ from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
 
+def chat_pieces(turns, tok: Tokenizer) -> list[seq.Piece]:
+  """The chat template: each turn is 'role: text' on its own line, role markers spelled as text.
+
+  An assistant turn is 'assistant:' answer [EOS], with the answer and its EOS trained (the EOS
+  is where a reply stops) and the marker not; system and user turns are context only.
+  """
+  pieces = []
+  for role, text in turns:
+    if role == 'assistant':
+      pieces.append(seq.Text(tok.encode('assistant:')))
+      pieces.append(seq.Text(tok.encode(text) + [tok.eos_id], train=True))
+    else:
+      pieces.append(seq.Text(tok.encode(f'{role}: {text}')))
+  return pieces
+
+
 def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[seq.Piece]:
   task = ex['task']
   prompt_ids = lambda text: [] if drop_prompt else tok.encode(text)
   if task == 't2i':
     return [seq.Text([tok.bos_id] + prompt_ids(ex['prompt']) + [tok.boi_id]),
             seq.Image(ex['image'], generate=True), seq.Text([tok.eoi_id, tok.eos_id])]
+  if task == 'mmu' and 'turns' in ex:
+    return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']),
+            seq.Text([tok.eoi_id])] + chat_pieces(ex['turns'], tok)
+  if task == 'text' and 'turns' in ex:
+    return [seq.Text([tok.bos_id])] + chat_pieces(ex['turns'], tok)
   if task == 'mmu':
     return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']),
             seq.Text([tok.eoi_id] + tok.encode(ex['question'])),

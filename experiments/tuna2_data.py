@@ -1,0 +1,64 @@
+r"""Tuna-2 on real data: a weighted mixture of task streams, packed into fixed-length rows.
+
+Each stream is a JSON-lines file in the reference format, an ArrayRecord folder written by
+`python -m tuna2_jax.data.convert`, tfds:NAME[:SPLIT] (pip install "tuna2_jax[tfds]") or
+'shapes' (the embedded dataset); '' leaves a stream out.
+
+  python -m tuna2_jax.train --config=experiments/tuna2_data.py --workdir=gs://BUCKET/run \
+      --config.data.t2i=/data/t2i_ar --config.data.mmu=/data/llava.jsonl \
+      --config.data.text=/data/text_ar --config.data.weights.edit=0
+
+  # smoke run on a CPU (tiny model, 64 px buckets):
+  python -m tuna2_jax.train --config=experiments/tuna2_data.py:runlocal=True --workdir=/tmp/r \
+      --config.data.t2i=shapes --config.data.mmu=my.jsonl
+
+Args after ':': runlocal=True (tiny model and rows, as shapes.py:runlocal), vision=encoder
+(Tuna-R), buckets=512|1024 (the aspect-ratio bucket class).
+Model and recipe otherwise as tuna2_7b.py: 16k-token rows, 7 : 3 generation : understanding.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes  # noqa: E402  (sibling configs: the tiny model and the 7B one)
+import tuna2_7b  # noqa: E402
+
+from tuna2_jax import config_lib  # noqa: E402
+
+# (height, width) of ~1024 (512-class) and ~4096 (1024-class) 16 px patches, about the
+# aspect ratios 1:1, 4:5, 5:4, 4:7, 7:4.
+BUCKETS = {
+    '512': ((512, 512), (448, 576), (576, 448), (384, 672), (672, 384)),
+    '1024': ((1024, 1024), (896, 1152), (1152, 896), (768, 1344), (1344, 768)),
+    '64': ((64, 64), (48, 80), (80, 48)),  # runlocal
+}
+
+
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, runlocal=False, vision='patch', buckets='512')
+  if args.runlocal:
+    c = shapes.get_config(f'runlocal=True,vision={args.vision}')
+    c.seq_len = 128  # as shapes.py:runlocal, so tests share its compiled programs
+    c.data.image_size = 64  # the shapes streams' image side
+    buckets = BUCKETS['64']
+  else:
+    c = tuna2_7b.get_config(None, vision=args.vision)
+    if args.buckets not in ('512', '1024'):
+      raise ValueError(f'buckets={args.buckets!r}: expected 512 or 1024')
+    buckets = BUCKETS[args.buckets]
+    c.data.image_size = max(max(b) for b in buckets)
+
+  d = c.data
+  d.name = 'mixture'
+  for task in ('t2i', 'mmu', 'edit', 'text'):
+    d[task] = ''  # a JSON-lines file, an ArrayRecord folder, tfds:NAME[:SPLIT] or 'shapes'
+  d.image_root = {'t2i': '', 'mmu': '', 'edit': '', 'text': ''}  # '' = the file's folder
+  # TFDS streams: 'our_key=feature/path,...' per task ('' = same names as the JSON keys).
+  d.tfds_fields = {'t2i': '', 'mmu': '', 'edit': '', 'text': ''}
+  d.buckets = buckets
+  d.pack_bins = 8  # rows open at once for first-fit packing
+  d.read_threads = 2  # loader threads per process (PIL decodes without the GIL)
+  d.read_buffer = 64
+  d.worker_count = 0 if args.runlocal else 8
+  return c

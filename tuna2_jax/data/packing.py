@@ -1,0 +1,163 @@
+"""First-fit packing of variable-length samples into fixed-length rows, with exact resume.
+
+Samples (data/sequence.py layout, of mixed tasks and resolutions) are placed whole, so an image
+span is never split: each goes into the first of up to `num_bins` open rows with room. A sample
+that fits none of them closes the window: its rows are emitted in order and the sample opens the
+next window. `sequence.pack` lays each row out (segments 1..n, span ids renumbered per row).
+
+Fault markers ({FAULT_KEY: reason index}, from records the loader skipped) are counted and the
+counts ride on the first row of their window as 'skipped/<reason>' scalars, so the counters
+reach the trainer through any number of worker processes.
+
+The iterator state is (parent state at the window's start, rows already emitted from it):
+restoring re-reads and re-packs that window and drops the emitted rows, so a resumed iterator
+yields exactly the rows an uninterrupted one would, without storing any sample in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from tuna2_jax.data import records
+from tuna2_jax.data import sequence as seq
+
+FAULT_KEY = 'fault'
+SKIPPED_PREFIX = 'skipped/'
+SKIPPED_KEYS = tuple(SKIPPED_PREFIX + r for r in records.FAULT_REASONS)
+
+
+def fault_marker(reason: str) -> dict:
+  return {FAULT_KEY: np.int32(records.FAULT_REASONS.index(reason))}
+
+
+class FirstFitPackIterDataset(grain.IterDataset):
+  """Samples -> rows of seq_len tokens (sequence.FIELDS plus SKIPPED_KEYS scalars)."""
+
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, num_bins: int, patch_size: int,
+               pad_id: int, max_consecutive_faults: int = 10_000):
+    super().__init__(parent)
+    if num_bins < 1:
+      raise ValueError(f'num_bins={num_bins}: expected at least 1 open row')
+    self._kw = dict(seq_len=seq_len, num_bins=num_bins, patch_size=patch_size, pad_id=pad_id,
+                    max_consecutive_faults=max_consecutive_faults)
+
+  def __iter__(self) -> '_PackIterator':
+    return _PackIterator(self._parent.__iter__(), **self._kw)
+
+  def __str__(self) -> str:
+    return f'FirstFitPackIterDataset({self._kw})'
+
+
+class _PackIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, num_bins: int,
+               patch_size: int, pad_id: int, max_consecutive_faults: int):
+    super().__init__(parent)
+    self._seq_len, self._num_bins = seq_len, num_bins
+    self._patch_size, self._pad_id = patch_size, pad_id
+    self._max_faults = max_consecutive_faults
+    self._rows: list[dict] = []  # rows of the current window
+    self._emitted = 0  # of them already returned
+    self._window_state: Any = None  # parent state before the window's first sample
+    self._carry: tuple[Any, dict] | None = None  # (parent state before it, sample)
+    self._skip = 0  # rows to drop from the next window (set by set_state)
+    self._exhausted = False
+
+  def _fill_window(self) -> None:
+    if self._carry is not None:
+      start, first = self._carry
+      bins = [[first]]
+      used = [len(first['tokens'])]
+    else:
+      start, bins, used = self._parent.get_state(), [], []
+    self._carry = None
+    faults = np.zeros(len(records.FAULT_REASONS), np.int64)
+    consecutive = 0
+    while True:
+      before = self._parent.get_state()
+      try:
+        el = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        break
+      if FAULT_KEY in el:
+        faults[int(el[FAULT_KEY])] += 1
+        consecutive += 1
+        if consecutive >= self._max_faults:
+          raise RuntimeError(f'the last {consecutive} records were all skipped (counts by reason: '
+                             f'{dict(zip(records.FAULT_REASONS, faults.tolist()))}); see the '
+                             'logged record locations and check the data paths')
+        continue
+      consecutive = 0
+      n = len(el['tokens'])
+      if n > self._seq_len:
+        raise ValueError(f'a sample of {n} tokens exceeds seq_len={self._seq_len}; the loader '
+                         'should have skipped it')
+      for b, u in enumerate(used):
+        if u + n <= self._seq_len:
+          bins[b].append(el)
+          used[b] += n
+          break
+      else:
+        if len(bins) < self._num_bins:
+          bins.append([el])
+          used.append(n)
+        else:
+          self._carry = (before, el)
+          break
+    rows = [seq.pack(b, self._seq_len, patch_size=self._patch_size, pad_id=self._pad_id)
+            for b in bins]
+    if faults.any() and not rows:  # faults at the very end of a finite source
+      rows = [seq.empty_row(self._seq_len, self._patch_size, self._pad_id)]
+    for i, row in enumerate(rows):
+      counts = faults if i == 0 else np.zeros_like(faults)
+      row.update({k: np.int32(c) for k, c in zip(SKIPPED_KEYS, counts)})
+    self._window_state, self._rows = start, rows
+    self._emitted = min(self._skip, len(rows))
+    self._skip = 0
+
+  def __next__(self) -> dict:
+    while self._emitted >= len(self._rows):
+      if self._exhausted:
+        raise StopIteration
+      self._fill_window()
+    row = self._rows[self._emitted]
+    self._emitted += 1
+    return row
+
+  def get_state(self) -> dict:
+    if self._emitted < len(self._rows):
+      return {'parent': self._window_state, 'emitted': self._emitted}
+    if self._carry is not None:  # the window is done; the next one starts at the carried sample
+      return {'parent': self._carry[0], 'emitted': 0}
+    return {'parent': self._parent.get_state(), 'emitted': 0}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state['parent'])
+    self._rows, self._emitted, self._carry = [], 0, None
+    self._skip, self._exhausted = int(state['emitted']), False
+
+
+def pop_skipped(batch: dict, totals: dict | None) -> dict | None:
+  """Removes the SKIPPED_KEYS counts from a batch and adds them to `totals` (None: no counts).
+
+  They are host-side bookkeeping: the batch that goes to the devices holds only sequence.FIELDS.
+  """
+  if SKIPPED_KEYS[0] not in batch:
+    return totals
+  totals = dict.fromkeys(SKIPPED_KEYS, 0) if totals is None else totals
+  for key in SKIPPED_KEYS:
+    totals[key] += int(np.sum(batch.pop(key)))
+  return totals
+
+
+def skipped_totals(totals: dict, process_count: int = 1) -> dict:
+  """The counts summed over all processes (every process must call this at the same step)."""
+  counts = np.asarray([totals[k] for k in SKIPPED_KEYS], np.int64)
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
+  return {k: float(c) for k, c in zip(SKIPPED_KEYS, counts)}

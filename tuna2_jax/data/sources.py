@@ -1,0 +1,233 @@
+"""Record sources of the task streams, and the per-record loader that turns one into an example.
+
+A stream's source is one of
+  FILE.jsonl     the reference JSON-lines format (records.py); random access over line offsets
+  DIR            ArrayRecord shards written by `python -m tuna2_jax.data.convert`
+  tfds:NAME[:SPLIT]   a TFDS dataset through `tfds.data_source` (pip install tuna2_jax[tfds]);
+                 data.tfds_fields.<task> maps the task's keys onto the dataset's features
+Every source is a grain MapDataset of raw items (where, payload): `where` names the record
+("file.jsonl:12", "dir#345") for the log line of a skipped record. `RecordLoader` (run in the
+data workers) decodes a raw item into an example for data/tasks.py, raising records.Fault for
+anything unusable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from tuna2_jax.data import images as images_lib
+from tuna2_jax.data import records
+
+ARRAY_RECORD_SUFFIX = '.array_record'
+META_FILE = 'meta.json'  # written by data/convert.py next to the shards
+TFDS_PREFIX = 'tfds:'
+# Default TFDS feature names for each task's keys (override with data.tfds_fields.<task>).
+TFDS_FIELDS = {'t2i': 'image=image,caption=caption', 'mmu': 'image=image,question=question,'
+               'answer=answer', 'edit': 'raw_image=raw_image,out_image=out_image,'
+               'instruction=instruction', 'text': 'text=text'}
+
+
+def _line_index(path: str, block_size: int = 1 << 26):
+  """(start offsets, end offsets, 1-based line numbers) of the file's non-blank lines."""
+  ends, offset = [], 0
+  with open(path, 'rb') as f:
+    while block := f.read(block_size):
+      ends.append(np.flatnonzero(np.frombuffer(block, np.uint8) == ord('\n')) + offset + 1)
+      offset += len(block)
+    ends = np.concatenate(ends).astype(np.int64) if ends else np.zeros(0, np.int64)
+    if offset and (not len(ends) or ends[-1] != offset):  # a last line without a newline
+      ends = np.append(ends, offset)
+    starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])[:len(ends)]
+    keep = ends - starts > 2
+    for i in np.flatnonzero(~keep):  # the few short lines: kept unless only whitespace
+      f.seek(starts[i])
+      keep[i] = bool(f.read(int(ends[i] - starts[i])).strip())
+  return starts[keep], ends[keep], np.flatnonzero(keep).astype(np.int64) + 1
+
+
+class JsonlSource:
+  """Random access to the non-blank lines of a JSON-lines file: item i -> ('file:line', bytes).
+
+  The index (start and end offsets of each line) is built with one pass over the file; the file
+  itself is opened lazily in each process that reads it, so the source pickles to workers.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._starts, self._ends, self._numbers = _line_index(path)
+    self._file = None
+
+  def __del__(self):
+    if getattr(self, '_file', None) is not None:
+      os.close(self._file)
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_file'} | {'_file': None}
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getitem__(self, index: int) -> tuple[str, bytes]:
+    if self._file is None:
+      self._file = os.open(self.path, os.O_RDONLY)
+    start, end = int(self._starts[index]), int(self._ends[index])
+    # pread: no shared file position, so the loader threads may read concurrently.
+    return f'{self.path}:{int(self._numbers[index])}', os.pread(self._file, end - start, start)
+
+  def __repr__(self) -> str:
+    return f'JsonlSource({self.path!r}, {len(self)} lines)'
+
+
+@dataclasses.dataclass(frozen=True)
+class _Locate:
+  """(index, payload) -> (where, payload) for sources without their own location."""
+  name: str
+
+  def __call__(self, index: int, payload):
+    return f'{self.name}#{index}', payload
+
+
+class TfdsRecords:
+  """A tfds.data_source with its features renamed to a task's keys: i -> ('tfds:..#i', dict)."""
+
+  def __init__(self, spec: str, task: str, fields: str):
+    name, _, split = spec[len(TFDS_PREFIX):].partition(':')
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError(f'data.{task}={spec!r} needs tensorflow-datasets: pip install '
+                        '"tuna2_jax[tfds]"') from None
+    self.spec = spec
+    self._source = tfds.data_source(name, split=split or 'train')
+    self._fields = dict(item.split('=', 1) for item in fields.split(',') if item)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[str, dict]:
+    raw = self._source[index]
+    out = {}
+    for key, path in self._fields.items():
+      value = raw
+      for part in path.split('/'):  # nested features: 'captions/text'
+        value = value.get(part) if isinstance(value, dict) else None
+      if isinstance(value, np.ndarray) and value.dtype == object and value.size:
+        value = value.reshape(-1)[0]  # a sequence feature: its first entry
+      if isinstance(value, bytes):
+        value = value.decode('utf-8', 'replace')
+      if value is not None:
+        out[key] = value
+    return f'{self.spec}#{index}', out
+
+
+def stream_kind(spec: str, task: str) -> str:
+  """'jsonl' | 'array_record' | 'tfds'; raises FileNotFoundError for a path that is absent."""
+  if spec.startswith(TFDS_PREFIX):
+    return 'tfds'
+  if os.path.isdir(spec):
+    if not glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)):
+      raise FileNotFoundError(f'data.{task}={spec!r} is a folder without {ARRAY_RECORD_SUFFIX} '
+                              'shards; expected one written by python -m tuna2_jax.data.convert')
+    return 'array_record'
+  if os.path.isfile(spec):
+    return 'jsonl'
+  raise FileNotFoundError(f'data.{task}={spec!r} does not exist; expected a JSON-lines file, '
+                          f'an ArrayRecord folder or {TFDS_PREFIX}NAME[:SPLIT]')
+
+
+def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset:
+  """The stream's records as a MapDataset of (where, payload)."""
+  kind = stream_kind(spec, task)
+  if kind == 'jsonl':
+    return grain.MapDataset.source(JsonlSource(spec))
+  if kind == 'tfds':
+    return grain.MapDataset.source(TfdsRecords(spec, task, tfds_fields or TFDS_FIELDS[task]))
+  meta_path = os.path.join(spec, META_FILE)
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      written_for = json.load(f).get('task')
+    if written_for != task:
+      raise ValueError(f'data.{task}={spec!r} holds {written_for!r} records (see {meta_path}); '
+                       f'expected {task!r} records')
+  paths = sorted(glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)))
+  source = grain.sources.ArrayRecordDataSource(paths)
+  return grain.MapDataset.source(source).map_with_index(_Locate(spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordLoader:
+  """Raw item -> example dict for data/tasks.py (images decoded onto buckets, uint8)."""
+  task: str
+  kind: str
+  image_root: str
+  buckets: tuple[tuple[int, int], ...]
+
+  def __call__(self, item: tuple[str, Any]) -> tuple[str, dict]:
+    where, payload = item
+    if self.kind == 'jsonl':
+      rec = records.parse_json_line(payload)
+      records.check_fields(self.task, rec)
+      blobs = {k: records.read_image_bytes(self.image_root, rec[k])
+               for k in records.IMAGE_KEYS[self.task]}
+    elif self.kind == 'array_record':
+      task, rec, blobs, origin = records.decode_record(payload)
+      if task != self.task:
+        raise records.Fault('bad_field', f'record of task {task!r} in the {self.task} stream')
+      where = f'{where} ({origin})'
+      records.check_fields(self.task, {**rec, **{k: '-' for k in blobs}})
+    else:
+      rec, blobs = _from_tfds(self.task, payload)
+    pixels = {k: self._pixels(v, k) for k, v in blobs.items()}
+    return where, to_example(self.task, rec, pixels)
+
+  def _pixels(self, blob, key: str) -> np.ndarray:
+    if isinstance(blob, np.ndarray):  # TFDS decodes images itself
+      if blob.ndim == 2:
+        blob = np.repeat(blob[..., None], 3, axis=-1)
+      return images_lib.to_bucket(Image.fromarray(blob[..., :3].astype(np.uint8)), self.buckets)
+    return images_lib.decode_to_bucket(blob, self.buckets, what=key)
+
+
+def _from_tfds(task: str, payload: dict) -> tuple[dict, dict]:
+  rec = dict(payload)
+  if task in ('mmu', 'text') and 'conversations' not in rec:
+    if 'question' in rec and 'answer' in rec:
+      rec['conversations'] = [{'from': 'human', 'value': str(rec.pop('question'))},
+                              {'from': 'gpt', 'value': str(rec.pop('answer'))}]
+  blobs = {k: rec.pop(k) for k in records.IMAGE_KEYS[task] if k in rec}
+  records.check_fields(task, {**rec, **{k: '-' for k in blobs}})
+  return rec, blobs
+
+
+def to_example(task: str, rec: dict, pixels: dict[str, np.ndarray]) -> dict:
+  """A checked record with decoded images -> the example dict data/tasks.py formats."""
+  if task == 't2i':
+    return {'task': task, 'prompt': rec['caption'], 'image': pixels['image']}
+  if task == 'edit':
+    return {'task': task, 'source': pixels['raw_image'], 'instruction': rec['instruction'],
+            'target': pixels['out_image']}
+  if task == 'text' and 'conversations' not in rec:
+    return {'task': task, 'text': rec['text']}
+  ex = {'task': task, 'turns': records.conversation_turns(rec['conversations'])}
+  if task == 'mmu':
+    ex['image'] = pixels['image']
+  return ex
+
+
+def image_root(spec: str, configured: str) -> str:
+  """The configured root, else the JSON-lines file's folder."""
+  return configured or os.path.dirname(os.path.abspath(spec))
+
+
+def stream_loader(task: str, spec: str, configured_root: str,
+                  buckets: Sequence[tuple[int, int]]) -> RecordLoader:
+  return RecordLoader(task, stream_kind(spec, task), image_root(spec, configured_root),
+                      tuple(map(tuple, buckets)))
