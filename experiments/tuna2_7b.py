@@ -4,7 +4,16 @@ About 12.6B parameters (decoder ~7.6B, head ~5.0B). Patch 16 on 512-class images
 pod or cluster (launch/) with a mesh sized for it, e.g.
 
   python -m tuna2_jax.train --config=experiments/tuna2_7b.py --workdir=gs://BUCKET/tuna2_7b \
-      --config.mesh.fsdp=-1 --config.mesh.data=1
+      --config.mesh.fsdp=-1 --config.mesh.data=1 \
+      --config.init.decoder_from=/data/Qwen2.5-7B-Instruct
+
+Stage 1 of the paper, starting from Qwen2.5-7B-Instruct (a Hugging Face folder, or the output of
+`python -m tuna2_jax.convert.qwen2 --hf_dir=... --output=... --vocab_size=152128`); stage 2 is
+tuna2_7b_sft.py.
+
+Per-device memory for a mesh, before any hardware (docs/scaling.md has the figures):
+
+  python -m tuna2_jax.train --config=experiments/tuna2_7b.py --dry_run --dry_run_devices=128
 
 Args: runlocal=True shrinks the widths for a smoke run with the same structure.
 """

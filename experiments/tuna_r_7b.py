@@ -2,7 +2,11 @@
 encoder (26 of its 27 layers, no post-norm) and the RMSNorm -> Linear -> GELU -> Linear
 connector in place of the patch embedding.
 
-  python -m tuna2_jax.train --config=experiments/tuna_r_7b.py --workdir=gs://BUCKET/tuna_r_7b
+Stage 1, from the parameters of the connector alignment (tuna_r_7b_align.py); stage 2 is
+tuna_r_7b_sft.py.
+
+  python -m tuna2_jax.train --config=experiments/tuna_r_7b.py --workdir=gs://BUCKET/tuna_r_7b \
+      --config.init_from=gs://BUCKET/tuna_r_7b_align
 """
 
 import os

@@ -62,3 +62,21 @@ def perturbed_params(model, scale: float = 0.05, seed: int = 0):
       nnx.state(model, nnx.Param))
   nnx.update(model, params)
   return model
+
+
+def train_losses(config, mesh, steps: int) -> list[float]:
+  """The losses of steps 1..steps as train.train's loop computes them, run in-process on mesh."""
+  import jax
+  from tuna2_jax import sharding, train, train_state
+  from tuna2_jax.data import pipeline
+  from tuna2_jax.data.tokenizer import Tokenizer
+  _, _, _, step_fn = train.setup(config, mesh)
+  state = train_state.create_sharded_state(config, mesh)
+  data = iter(pipeline.train_dataset(config, Tokenizer.load(config.data.tokenizer or None)))
+  key = jax.random.key(config.seed)
+  losses = []
+  for _ in range(steps):
+    batch = sharding.global_batch(next(data), mesh, config.sharding_rules)
+    state, aux = step_fn(state, batch, key)
+    losses.append(float(aux['loss']))
+  return losses

@@ -4,7 +4,11 @@ Items of a step:
   state  pytree of arrays (parameters, optimizer state, EMA, step counter). It is restored onto an
          abstract target of `jax.ShapeDtypeStruct`s whose `.sharding` decides the layout, so a run
          saved on one mesh resumes on another.
-  data   optional JSON dict: the data iterator position, e.g. {'next_index': 123}.
+  data   optional JSON: every process's data iterator position, {'process_count': P,
+         'per_process': [state of process 0, ...]}; `save` gathers them and `restore` hands each
+         process its own. On another process count, the positions are used only if they are all
+         equal (the pipeline's row order does not depend on the process count, see
+         data/pipeline.py); otherwise restore raises, as the data would not continue exactly.
   meta   optional JSON dict: config summary, model shape signature.
 
 Rules that keep checkpoints safe:
@@ -22,12 +26,15 @@ On several processes every process calls the Checkpointer methods (orbax syncs t
 process 0 calls `write_config`.
 """
 
+import json
 import os
 import tempfile
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CHECKPOINTS_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
@@ -65,6 +72,33 @@ def _mismatches(stored: dict, expected: dict) -> list[str]:
     elif stored[name] != expected[name]:
       lines.append(f'{name}: checkpoint shape {stored[name]} != expected shape {expected[name]}')
   return lines
+
+
+def gather_json(value: Any) -> list:
+  """[value of process 0, value of process 1, ...] on every process (JSON-serialisable values)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]
+
+
+def _own_data_state(stored: Any, where: str) -> Any:
+  """This process's entry of a stored data item (see the module docstring)."""
+  if not isinstance(stored, dict) or 'per_process' not in stored:
+    return stored  # written by one process, before positions were kept per process
+  states, count = stored['per_process'], jax.process_count()
+  if len(states) == count:
+    return states[jax.process_index()]
+  if all(s == states[0] for s in states):
+    return states[0]
+  raise ValueError(
+      f'{where}: the data positions were saved by {len(states)} processes and differ, so they '
+      f'cannot be split over {count} processes; resume with {len(states)} processes. The '
+      'checkpoint was left untouched.')
 
 
 class Checkpointer:
@@ -164,7 +198,10 @@ class Checkpointer:
           '\nNothing was written.')
     items = {_STATE: ocp.args.StandardSave(state)}
     if data_state is not None:
-      items[_DATA] = ocp.args.JsonSave(data_state)
+      # Every process takes part in the gather; orbax writes the JSON item from process 0.
+      per_process = gather_json(data_state)
+      items[_DATA] = ocp.args.JsonSave({'process_count': len(per_process),
+                                        'per_process': per_process})
     if meta is not None:
       items[_META] = ocp.args.JsonSave(meta)
     # force=True: should_save was asked above; orbax would otherwise ask again.
@@ -174,7 +211,8 @@ class Checkpointer:
     """(state, data_state, meta) of `step`; arrays get the shardings of `abstract_state`'s leaves.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding`, e.g. from
-    `jax.eval_shape` plus the run's shardings. data_state and meta are None when not saved.
+    `jax.eval_shape` plus the run's shardings. data_state (this process's) and meta are None
+    when not saved.
     """
     self.check(step, abstract_state)
     step_dir = os.path.join(self.directory, str(step))
@@ -184,8 +222,10 @@ class Checkpointer:
       if os.path.isdir(os.path.join(step_dir, item)):
         items[item] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return (restored[_STATE], restored[_DATA] if _DATA in items else None,
-            restored[_META] if _META in items else None)
+    data_state = None
+    if _DATA in items:
+      data_state = _own_data_state(restored[_DATA], f'checkpoint step {step} in {self.directory}')
+    return restored[_STATE], data_state, restored[_META] if _META in items else None
 
   def close(self) -> None:
     """Waits for a pending save and releases orbax's threads."""

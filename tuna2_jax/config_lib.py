@@ -91,6 +91,12 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.model = model_cfg
+  # Starting weights of a new run (parameters only; the optimizer starts afresh). A workdir with
+  # checkpoints resumes instead. See convert/init_from.py.
+  c.init_from = ''  # a training workdir: the previous stage's parameters
+  c.init = ml_collections.ConfigDict(dict(
+      decoder_from='',  # Qwen2 / Qwen2.5 Hugging Face folder, or convert.qwen2's output
+      encoder_from=''))  # SigLIP 2 Hugging Face folder (Tuna-R)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'
@@ -121,9 +127,19 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # The one logical-axis -> mesh-axis table; parameters, optimizer state and EMA all use it.
+  # Devices per axis inside a slice (ICI) and slices per axis (DCN, multi-slice TPU or several
+  # GPU nodes); one ICI and one DCN size may be -1 to take what is left (sharding.make_mesh).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  # The one logical-axis -> mesh-axis table; parameters, optimizer state, EMA, the batch and
+  # the residual-stream activation constraints all use it.
   c.sharding_rules = (('layers', None), ('embed', 'fsdp'), ('mlp', 'tensor'),
                       ('heads', 'tensor'), ('kv_heads', 'tensor'), ('vocab', 'tensor'),
-                      ('patch', None))
+                      ('patch', None), ('batch', ('data', 'fsdp')),
+                      ('activation_length', None), ('activation_embed', None))
+  # Under an fsdp mesh, a run refuses to start when more of the parameter bytes than this are
+  # not split over 'fsdp' (every fsdp shard would hold a whole copy).
+  c.max_replicated_fraction = 0.02
+  # Seconds a process waits at a barrier for the others before failing with their names.
+  c.barrier_timeout_s = 600
   return c

@@ -21,6 +21,7 @@ from absl import app, flags
 from tuna2_jax import cli
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import sampling
+from tuna2_jax import sharding
 from tuna2_jax import train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import shapes
@@ -64,7 +65,7 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
         model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
         noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
         cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval))
-    x = np.asarray(x)
+    x = sharding.to_host(x)
     target = batch['gen_mask'] & batch['is_patch']
     for b in range(n):
       images.append(to_uint8(seq.unpatchify(x[b][target[b]], size, size, p)))
@@ -86,7 +87,7 @@ def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
         model, batch, jax.random.fold_in(key, i),
         max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
         eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
-    answers += [tok.decode(row) for row in np.asarray(out)[:n]]
+    answers += [tok.decode(row) for row in sharding.to_host(out)[:n]]
   return answers
 
 
@@ -134,13 +135,18 @@ def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
 
 def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
                   step: int, writer: metrics_lib.MetricsWriter | None = None) -> str:
-  """A PNG grid of generated images beside their (held-out) prompts."""
+  """A PNG grid of generated images beside their (held-out) prompts.
+
+  Every process of a job calls it (all take part in sampling); only process 0 writes.
+  """
   d = config.data
   gen = shapes.eval_set('t2i', config.eval.num_samples_png, seed=5, size=d.image_size,
                         max_objects=d.max_objects)
   prompts = [x['prompt'] for x in gen]
   images = generate_images(model, tok, config, prompts, jax.random.key(config.seed + 2))
   path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
+  if jax.process_index() != 0:
+    return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   metrics_lib.save_sample_grid(path, images, prompts)
   if writer is not None:

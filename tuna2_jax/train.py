@@ -3,31 +3,41 @@ r"""Trains Tuna-2 / Tuna-R.
   python -m tuna2_jax.train --config=experiments/shapes.py[:args] --workdir=DIR \
       [--config.total_steps=2000 ...]
 
-Sections: config -> mesh -> data -> state (init or resume) -> step -> loop (log, eval,
+Sections: config -> mesh -> state (init or resume) -> data -> step -> loop (log, eval,
 checkpoint). Re-running with the same workdir resumes from its latest checkpoint.
+
+Several processes (pods, clusters; see launch/): every process runs this same command, joined by
+jax.distributed (distributed.py). Each loads its share of the batch; only process 0 writes logs,
+metrics and samples; all take part in checkpoints. SIGTERM saves at the next step and exits 0.
+`--dry_run` compiles the step for the mesh without allocating and prints per-device memory
+(dry_run.py); add `--dry_run_devices=N` to compile for N fake CPU devices.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import cli
+from tuna2_jax import distributed
+from tuna2_jax import dry_run as dry_run_lib
 from tuna2_jax import evaluate as eval_lib
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import sharding
 from tuna2_jax import train_state
+from tuna2_jax.convert import init_from
+from tuna2_jax.data import packing
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
 from tuna2_jax.models.tuna import validate_model_config
@@ -35,6 +45,10 @@ from tuna2_jax.models.tuna import validate_model_config
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, samples).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the mesh ahead of '
+                             'time, print per-device memory and exit; nothing is allocated.')
+_DRY_RUN_DEVICES = flags.DEFINE_integer('dry_run_devices', None, 'With --dry_run: compile for '
+                                        'this many fake CPU devices instead of the real ones.')
 
 
 def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
@@ -47,13 +61,22 @@ def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
     if config[key] <= 0:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
+  pipeline.check_data(config)  # a missing data source stops the run here, before any state
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation):
-  """(state, batch, key) -> (state, metrics): one AdamW step plus the EMA update."""
+def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
+                    mesh=None):
+  """(state, batch, key) -> (state, metrics): one AdamW step plus the EMA update.
+
+  With a mesh, the model's activation constraints (sharding.constrain) follow its rules table.
+  """
   ema_decay = config.optim.ema_decay
 
   def train_step(state, batch, key):
+    with sharding.activation_sharding(mesh, config.sharding_rules):
+      return _train_step(state, batch, key)
+
+  def _train_step(state, batch, key):
     key = jax.random.fold_in(key, state['step'])
 
     def loss_fn(params):
@@ -71,6 +94,39 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
   return train_step
 
 
+def setup(config: ml_collections.ConfigDict, mesh):
+  """(graphdef, abstract state, shardings, jitted step) after every check of the layout.
+
+  Raises ValueError (before anything is allocated) for a batch that does not split over the
+  mesh, a rule naming an unknown mesh axis, a mesh axis that does not divide the dimension it
+  splits, or too many parameter bytes left whole under an fsdp mesh.
+  """
+  shards = sharding.batch_shards(mesh, config.sharding_rules)
+  if config.batch_size % shards:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {shards} '
+                     f'batch shards of the mesh {dict(mesh.shape)}')
+  graphdef, _ = train_state.abstract_model(config)
+  abstract, shardings = train_state.state_shardings(config, mesh)
+  sharding.check_replication(abstract['params'], shardings['params'], mesh,
+                             config.max_replicated_fraction)
+  tx = train_state.optimizer(config, abstract['params'])
+  replicated = NamedSharding(mesh, P())
+  step_fn = jax.jit(make_train_step(config, graphdef, tx, mesh),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh, config.sharding_rules),
+                                  replicated),
+                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return graphdef, abstract, shardings, step_fn
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Compiles the train step for config's mesh on abstract inputs; returns the memory report."""
+  validate(config, Tokenizer.load(config.data.tokenizer or None))
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract, shardings, step_fn = setup(config, mesh)
+  return dry_run_lib.memory_report(step_fn, abstract, shardings,
+                                   dry_run_lib.abstract_batch(config, mesh), mesh)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training in workdir; returns the last logged metrics."""
   # --- config ---
@@ -78,16 +134,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config, tok)
   lead = jax.process_index() == 0
 
-  # --- mesh ---
+  # --- mesh: every layout check runs here, before any state exists ---
   mesh = sharding.make_mesh(config.mesh)
-  batch_shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
-  if config.batch_size % batch_shards:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {batch_shards} '
-                     f'batch shards of the mesh {dict(mesh.shape)}')
+  graphdef, abstract, shardings, step_fn = setup(config, mesh)
+  rules = config.sharding_rules
 
   # --- state: resume, or initialise directly into its shardings ---
-  graphdef, _ = train_state.abstract_model(config)
-  abstract, shardings = train_state.state_shardings(config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                save_every=config.checkpoint_every)
   start = ckpt.latest_step()
@@ -97,10 +149,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('resumed from step %d', start)
   else:
     state = train_state.create_sharded_state(config, mesh)
+    if init_from.wanted(config):
+      state = init_from.start_from(state, init_from.pretrained_params(
+          config, abstract['params'], shardings['params']))
     start = 0
   # Written only after the restore: a checkpoint of another model raises there, untouched.
   if lead:
     ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
+  distributed.barrier('state_ready', config.barrier_timeout_s)
 
   # --- data ---
   dataset = pipeline.train_dataset(config, tok, process_index=jax.process_index(),
@@ -109,48 +165,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if data_state is not None:
     data_iter.set_state(data_state)
 
-  # --- step ---
-  tx = train_state.optimizer(config, abstract['params'])
-  step_fn = jax.jit(make_train_step(config, graphdef, tx),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh), None),
-                    out_shardings=(shardings, None), donate_argnums=(0,))
-
   # --- loop ---
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
   progress = metrics_lib.Progress(config.total_steps, start, enabled=lead)
+  preemption = distributed.PreemptionWatcher()
   key = jax.random.key(config.seed)
   last, tokens, t0 = {}, 0.0, time.perf_counter()
+  skipped = None  # records the data pipeline skipped, by reason, since this run started
   for step in range(start + 1, config.total_steps + 1):
     local = next(data_iter)
+    skipped = packing.pop_skipped(local, skipped)
     tokens += float((local['segment_ids'] > 0).sum()) * jax.process_count()
-    state, aux = step_fn(state, sharding.global_batch(local, mesh), key)
-    if step % config.log_every == 0 or step == config.total_steps:
+    state, aux = step_fn(state, sharding.global_batch(local, mesh, rules), key)
+    stop = preemption.should_stop(step)
+    if step % config.log_every == 0 or step == config.total_steps or stop:
       aux = jax.device_get(aux)
       elapsed = time.perf_counter() - t0
       last = {k: float(v) for k, v in aux.items()}
       last['tokens_per_s'] = tokens / elapsed
+      if skipped is not None:
+        last.update(packing.skipped_totals(skipped, jax.process_count()))
       writer.write_scalars(step, last)
       progress.update(step, {'loss': last['loss'], 'tok/s': last['tokens_per_s']})
       tokens, t0 = 0.0, time.perf_counter()
-    if step % config.eval_every == 0 or step == config.total_steps:
+    if not stop and (step % config.eval_every == 0 or step == config.total_steps):
+      # Every process samples (the parameters are spread over all of them); process 0 writes.
       model = nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params'])
       samples = eval_lib.write_samples(model, tok, config, workdir, step, writer=writer)
       logging.info('wrote %s', samples)
       t0 = time.perf_counter()
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
       ckpt.save(step, state, data_state=data_iter.get_state(), force=True)
+    if stop:
+      logging.warning('preempted: saved the checkpoint of step %d; exiting', step)
+      break
   ckpt.wait()
   ckpt.close()
+  preemption.close()
   progress.close()
   writer.close()
+  distributed.barrier('train_done', config.barrier_timeout_s)
   return last
+
+
+def _use_fake_cpu_devices(count: int) -> None:
+  """Makes jax see `count` CPU devices; only effective before its backend first starts."""
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={count}')
+  jax.config.update('jax_platforms', 'cpu')
 
 
 def main(argv):
   del argv
   cli.config_file()
+  if _DRY_RUN.value:
+    if _DRY_RUN_DEVICES.value:
+      _use_fake_cpu_devices(_DRY_RUN_DEVICES.value)
+    print(dry_run_lib.format_report(dry_run(_CONFIG.value)), flush=True)
+    return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  distributed.initialize_from_flags()
   train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,20 +1,35 @@
 """grain pipelines that feed training: rows of packed, mixed-task samples, sharded by process.
 
-The shapes source is procedural, so each row is a pure function of (seed, row index): the
-pipeline is a grain MapDataset over row indices, and its iterator state (saved in checkpoints)
-is enough to resume on exactly the batches an uninterrupted run would see.
+data.name='shapes': the procedural source, each row a pure function of (seed, row index): a
+grain MapDataset over row indices, whose iterator state resumes exactly.
+
+data.name='mixture': one stream per task (data.t2i / mmu / edit / text: a JSON-lines file, an
+ArrayRecord folder, tfds:NAME[:SPLIT] or 'shapes'), each
+  records [process_index::process_count] -> shuffle (seeded) -> repeat -> load + format
+(a skipped record becomes a fault marker), then a weighted mixture of the streams, first-fit
+packing into seq_len rows (data/packing.py) and batching. Every step is a MapDataset up to the
+mixture, so the iterator state is a few integers; with data.worker_count > 0 the whole chain
+runs in worker processes over disjoint slices of the mixture. Records are loaded (images decoded
+and resized, which releases the GIL) by data.read_threads threads in each of them. A resumed
+run must use the same process count and data.worker_count as the run that saved the state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
+from tuna2_jax.data import images as images_lib
+from tuna2_jax.data import packing
+from tuna2_jax.data import records
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import shapes
+from tuna2_jax.data import sources
 from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -66,16 +81,155 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
   return seq.pack(samples, config.seq_len, patch_size=config.model.patch_size, pad_id=tok.pad_id)
 
 
+def _global_row(i: int, *, batch_size: int, local_batch: int, process_index: int) -> int:
+  return (i // local_batch) * batch_size + process_index * local_batch + i % local_batch
+
+
+SHAPES_SPEC = 'shapes'
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShapesLoader:
+  """Stream item (where, index) -> a shapes example of the stream's task."""
+  task: str
+  data: ml_collections.ConfigDict
+  seed: int
+
+  def __call__(self, item):
+    where, index = item
+    rng = np.random.default_rng([self.seed, seq.TASK_IDS[self.task], index])
+    return where, draw_shapes_example(rng, self.task, self.data)
+
+
+def _shapes_item(index: int) -> tuple[str, int]:
+  return f'shapes#{index}', index
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleMaker:
+  """(index in the stream, raw item) -> one formatted sample, or a fault marker if skipped."""
+  loader: object
+  tok: Tokenizer
+  patch_size: int
+  seq_len: int
+  caption_dropout: float
+  seed: int
+  stream: int
+
+  def __call__(self, index: int, item) -> dict:
+    rng = np.random.default_rng([self.seed, self.stream, index, 1])  # apart from the loader's
+    where = item[0]
+    try:
+      where, ex = self.loader(item)
+      s = tasks.format_example(ex, self.tok, self.patch_size,
+                               drop_prompt=rng.random() < self.caption_dropout)
+      if len(s['tokens']) > self.seq_len:
+        raise records.Fault('too_long', f'{len(s["tokens"])} tokens > seq_len={self.seq_len}')
+      return s
+    except records.Fault as fault:
+      logging.warning('skipped record %s: %s', where, fault)
+      return packing.fault_marker(fault.reason)
+
+
+def active_streams(config: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
+  """[(task, spec, weight)] of the mixture's streams: a source given and a positive weight."""
+  names, probs = stream_weights(config.data)
+  out = [(t, config.data[t], float(w)) for t, w in zip(names, probs) if config.data[t] and w > 0]
+  if not out:
+    raise ValueError('data.name="mixture" needs at least one stream: set data.t2i, data.mmu, '
+                     'data.edit or data.text to a JSON-lines file, an ArrayRecord folder, '
+                     'tfds:NAME or "shapes", with a positive data.weights entry')
+  return out
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (before any model state exists) on a missing source or a bad bucket."""
+  if config.data.name == 'shapes':
+    return
+  if config.data.name != 'mixture':
+    raise ValueError(f'data.name={config.data.name!r}: expected "shapes" or "mixture"')
+  buckets = images_lib.check_buckets(config.data.buckets, config.model.patch_size)
+  if config.model.vision == 'encoder':
+    grid = max(max(b) for b in buckets) // config.model.patch_size
+    if grid > config.model.encoder.max_grid:
+      raise ValueError(f'bucket grid {grid} exceeds model.encoder.max_grid='
+                       f'{config.model.encoder.max_grid}')
+  for task, spec, _ in active_streams(config):
+    if spec != SHAPES_SPEC:
+      sources.stream_kind(spec, task)  # raises for a path that does not exist
+
+
+def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """One task stream: this process's records, shuffled, repeated, loaded and formatted."""
+  data, stream = config.data, seq.TASK_IDS[task]
+  if spec == SHAPES_SPEC:
+    items = grain.MapDataset.range(_NUM_ROWS).map(_shapes_item)
+    loader = _ShapesLoader(task, data, config.seed)
+  else:
+    items = sources.open_stream(task, spec, data.tfds_fields[task])
+    loader = sources.stream_loader(task, spec, data.image_root[task], data.buckets)
+  total = len(items)
+  items = items[process_index::process_count]
+  if len(items) == 0:
+    raise ValueError(f'data.{task}={spec!r} has {total} records, too few for process '
+                     f'{process_index} of {process_count}')
+  if spec != SHAPES_SPEC:  # shapes items are endless and already random
+    items = items.shuffle(seed=config.seed * 1000 + stream).repeat()
+  return items.map_with_index(SampleMaker(
+      loader, tok, config.model.patch_size, config.seq_len,
+      config.objective.caption_dropout, config.seed, stream))
+
+
+def mixed_samples(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """The weighted mixture of the streams: samples and fault markers, endless."""
+  check_data(config)
+  streams = active_streams(config)
+  datasets = [stream_dataset(config, task, spec, tok, process_index=process_index,
+                             process_count=process_count) for task, spec, _ in streams]
+  if len(datasets) == 1:
+    return datasets[0]
+  return grain.MapDataset.mix(datasets, [w for _, _, w in streams])
+
+
+def mixture_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, local_batch: int,
+                    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Mixed samples -> packed rows -> batches of local_batch rows (each field [B, seq_len, ...])."""
+  data = config.data
+  it = mixed_samples(config, tok, process_index=process_index,
+                     process_count=process_count).to_iter_dataset(
+                         grain.ReadOptions(num_threads=data.read_threads,
+                                           prefetch_buffer_size=data.read_buffer))
+  it = packing.FirstFitPackIterDataset(it, seq_len=config.seq_len, num_bins=data.pack_bins,
+                                       patch_size=config.model.patch_size, pad_id=tok.pad_id)
+  it = it.batch(local_batch, drop_remainder=True)
+  if data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  return it
+
+
 def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
-  """Batches of this process's rows: [batch_size / process_count, seq_len, ...] per field."""
-  if config.data.name != 'shapes':
-    raise ValueError(f'data.name={config.data.name!r}: expected "shapes"')
+  """Batches of this process's rows: [batch_size / process_count, seq_len, ...] per field.
+
+  Mixture batches also hold packing.SKIPPED_KEYS: per-row counts of skipped records, which the
+  trainer pops before the batch goes to the devices.
+  """
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                      f'{process_count} processes')
   local_batch = config.batch_size // process_count
-  ds = grain.MapDataset.range(_NUM_ROWS)[process_index::process_count]
+  check_data(config)
+  if config.data.name == 'mixture':
+    return mixture_dataset(config, tok, local_batch=local_batch, process_index=process_index,
+                           process_count=process_count)
+  # Global batch b is rows [b * batch_size, (b + 1) * batch_size); process p reads its p-th
+  # contiguous block. The rows (and the iterator state, a batch count) are then the same for
+  # every process count, so a run can resume on another number of hosts.
+  ds = grain.MapDataset.range(_NUM_ROWS // config.batch_size * local_batch).map(
+      functools.partial(_global_row, batch_size=config.batch_size, local_batch=local_batch,
+                        process_index=process_index))
   ds = ds.map(functools.partial(shapes_row, config=config, tok=tok))
   ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tuna2_jax import sharding
 from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models import rope as rope_lib
 
 # Logical axis names carried by parameters; sharding.py maps them to mesh axes.
 EMBED, MLP, HEADS, KV_HEADS, VOCAB, PATCH, LAYERS = (
     'embed', 'mlp', 'heads', 'kv_heads', 'vocab', 'patch', 'layers')
+# The residual stream between layers; a train step pins it to these axes (sharding.constrain).
+RESIDUAL = ('batch', 'activation_length', 'activation_embed')
 
 REMAT_POLICIES: dict[str, Any] = {
     'none': None,
@@ -130,7 +133,7 @@ def run_stack(blocks: nnx.Module, x, body: Callable, *, remat: str = 'none', cac
     raise ValueError(f'remat {remat!r}: expected one of {sorted(REMAT_POLICIES)}')
 
   def step(x, block, cache_l):
-    return body(block, x, cache_l)
+    return body(block, sharding.constrain(x, RESIDUAL), cache_l)
 
   if REMAT_POLICIES[remat] is not None:
     step = nnx.remat(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
