@@ -66,6 +66,18 @@ def test_save_restore_round_trip(tmp_path):
   assert meta == {'model': 'tiny'}
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  # The README's commands pass relative workdirs such as runs/shapes.
+  monkeypatch.chdir(tmp_path)
+  state = _state(2.0)
+  with Checkpointer(os.path.join('runs', 'rel'), keep=2, save_every=1) as ckpt:
+    assert ckpt.save(1, state)
+  with Checkpointer(os.path.join('runs', 'rel'), keep=2, save_every=1) as ckpt:
+    restored, _, _ = ckpt.restore(ckpt.latest_step(), _abstract(state))
+  _assert_trees_equal(restored, state)
+  assert os.path.isdir(tmp_path / 'runs' / 'rel' / 'checkpoints' / '1')
+
+
 def test_optional_items_restore_as_none(tmp_path):
   with Checkpointer(str(tmp_path), keep=1, save_every=1, async_save=False) as ckpt:
     ckpt.save(1, _state())

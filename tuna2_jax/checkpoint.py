@@ -110,7 +110,9 @@ class Checkpointer:
     if save_every < 1:
       raise ValueError(f'save_every={save_every}: expected a positive number of steps')
     self.workdir = workdir
-    self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    # orbax's tensorstore layer needs absolute paths; URLs (gs://...) are left as they are.
+    root = workdir if '://' in workdir else os.path.abspath(workdir)
+    self.directory = os.path.join(root, CHECKPOINTS_DIR)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     # Registering the items up front is what lets a fresh manager read a step's metadata;
     # unregistered items come back as None.
