@@ -14,7 +14,8 @@ import pytest
 
 from conftest import load_experiment
 from tuna2_jax import checkpoint as ckpt_lib
-from tuna2_jax import sharding, train, train_state
+from tuna2_jax import evaluate as eval_lib
+from tuna2_jax import flops, sharding, train, train_state
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -29,6 +30,18 @@ def _config(**overrides):
   c.optim.schedule = 'constant'
   c.update(dict(total_steps=4, log_every=1, checkpoint_every=2), **overrides)
   return c
+
+
+def _history_config(**overrides):
+  """_config with held-out metrics at steps 2 and 4 (eval_history.jsonl)."""
+  c = _config(**overrides)
+  c.eval.metrics_every = 2
+  return c
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, eval_lib.HISTORY_FILE)) as f:
+    return [json.loads(line) for line in f]
 
 
 def _metrics(workdir):
@@ -75,7 +88,7 @@ def test_steps_on_a_fixed_batch_reduce_the_loss():
 def uninterrupted_run(tmp_path_factory):
   """4 steps in one go, checkpoints at 2 and 4."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  last = train.train(_config(), workdir)
+  last = train.train(_history_config(), workdir)
   return workdir, last
 
 
@@ -107,7 +120,7 @@ def test_train_runs_end_to_end_and_writes_its_outputs(uninterrupted_run):
 def test_resume_continues_exactly(uninterrupted_run, tmp_path):
   reference, _ = uninterrupted_run
   workdir = str(tmp_path / 'resumed')
-  train.train(_config(total_steps=2), workdir)
+  train.train(_history_config(total_steps=2), workdir)
 
   # The checkpoint of the short run holds the parameters of the uninterrupted run's step 2.
   config = _config()
@@ -123,7 +136,7 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
   for a, b in zip(*leaves):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  train.train(_config(total_steps=4), workdir)  # resumes from step 2
+  train.train(_history_config(total_steps=4), workdir)  # resumes from step 2
   resumed = _metrics(workdir)
   assert [line['step'] for line in resumed] == [1, 2, 3, 4]  # steps 1-2 logged once, not redone
   want = {line['step']: line for line in _metrics(reference)}
@@ -132,6 +145,33 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
     for key in ('loss', 'text_loss', 'flow_loss', 'grad_norm'):
       assert line[key] == pytest.approx(want[line['step']][key], rel=1e-5, abs=1e-5)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  # The FLOP count continues from the checkpoint rather than restarting at zero.
+  history, want_history = _history(workdir), _history(reference)
+  assert [h['step'] for h in history] == [2, 4]
+  for got, want in zip(history, want_history):
+    assert got['train_flops'] == pytest.approx(want['train_flops'], rel=1e-12)
+  assert history[1]['wall_s'] > history[0]['wall_s'] > 0
+
+
+@pytest.mark.slow
+def test_eval_history_is_written_at_the_configured_steps(uninterrupted_run):
+  workdir, _ = uninterrupted_run
+  config = _history_config()
+  history = _history(workdir)
+  assert [h['step'] for h in history] == [2, 4]
+  batches = iter(pipeline.train_dataset(config, Tokenizer.load()))
+  per_step = [flops.train_step_flops(config.model, next(batches)) for _ in range(4)]
+  assert history[0]['train_flops'] == pytest.approx(sum(per_step[:2]))
+  assert history[1]['train_flops'] == pytest.approx(sum(per_step))
+  assert 0 < history[0]['wall_s'] < history[1]['wall_s']
+  digest = eval_lib.eval_set_digest(eval_lib.eval_sets(config))
+  for h in history:
+    assert h['eval_set'] == digest
+    for key in ('vqa_accuracy', 'vqa_accuracy_count', 'vqa_accuracy_position', 'gen_accuracy',
+                'caption_exact'):
+      assert 0.0 <= h[f'shapes/{key}'] <= 1.0, key
+  # Training throughput in model FLOPs is logged beside tokens/s.
+  assert all(line['tflops_per_s_per_device'] > 0 for line in _metrics(workdir))
 
 
 @pytest.mark.slow

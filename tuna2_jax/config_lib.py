@@ -62,6 +62,17 @@ def siglip2_so400m_16(max_grid: int = 64) -> ml_collections.ConfigDict:
   return vision_encoder(1152, 26, 16, 4304, max_grid)
 
 
+def shapes_model(vision: str = 'patch') -> ml_collections.ConfigDict:
+  """The CPU-sized shapes model (experiments/shapes.py, siglip_shapes.py, ablations/).
+
+  48 x 48 images with 16 px patches put each cell of the 3 x 3 scene grid in one patch token.
+  """
+  return model(vision, patch_size=16, vocab_size=128,
+               dec=decoder(3, 128, 4, 2, 32, 384, rope_theta=1e4),
+               head=flow_head(2, 4, 2, 32, 384, rope_split=(8, 12, 12)),
+               encoder=vision_encoder(96, 2, 4, 256, max_grid=8))
+
+
 def model(vision: str, patch_size: int, vocab_size: int, dec, head,
           encoder=None) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
@@ -125,7 +136,10 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       max_new_tokens=32, temperature=0.0))
 
   c.eval = ml_collections.ConfigDict(dict(
-      num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16))
+      num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16,
+      # Held-out metrics during training, appended to workdir/eval_history.jsonl every this
+      # many steps (and at the last step); 0 = only the samples at eval_every.
+      metrics_every=0))
 
   # Devices per axis inside a slice (ICI) and slices per axis (DCN, multi-slice TPU or several
   # GPU nodes); one ICI and one DCN size may be -1 to take what is left (sharding.make_mesh).

@@ -9,8 +9,11 @@ checker on a freshly initialised model's images) and shapes/caption_exact.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import time
 from typing import Sequence
 
 import jax
@@ -27,6 +30,9 @@ from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import shapes
 from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
+
+HISTORY_FILE = 'eval_history.jsonl'
+
 
 def _chunks(items: Sequence, size: int):
   for i in range(0, len(items), size):
@@ -95,13 +101,44 @@ def gen_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene]) -
   return float(np.mean([shapes.parse(im) == sc for im, sc in zip(images, scenes)]))
 
 
-def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
-             baseline_model=None) -> dict:
-  """The shapes metrics for `model` (and the untrained baseline if baseline_model is given)."""
+@functools.lru_cache(maxsize=8)
+def majority_answers(image_size: int, max_objects: int) -> dict[str, str]:
+  """The most common training answer per question type (the majority baseline)."""
+  dist = shapes.answer_distribution(2000, seed=2, size=image_size, max_objects=max_objects)
+  return {q: c.most_common(1)[0][0] for q, c in dist.items()}
+
+
+def eval_sets(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+  """The held-out sets the metrics use: {'vqa', 'caption', 't2i'}, fixed by their seeds."""
   d, e = config.data, config.eval
+  kw = dict(size=d.image_size, max_objects=d.max_objects)
+  return {'vqa': shapes.eval_set('mmu', e.num_vqa, seed=1, **kw),
+          'caption': shapes.eval_set('caption', e.num_caption, seed=3, **kw),
+          't2i': shapes.eval_set('t2i', e.num_gen, seed=4, **kw)}
+
+
+def eval_set_digest(sets: dict[str, list[dict]]) -> str:
+  """A short hash of every held-out question, answer and prompt and the image size.
+
+  Two runs' metrics are comparable only when their digests are equal (compare.py checks).
+  """
+  h = hashlib.sha256()
+  for name in sorted(sets):
+    for x in sets[name]:
+      image = x.get('image')
+      h.update(json.dumps([name, x.get('question'), x.get('answer'), x.get('prompt'),
+                           None if image is None else list(image.shape)]).encode())
+  return h.hexdigest()[:16]
+
+
+def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
+             baseline_model=None, sets: dict[str, list[dict]] | None = None) -> dict:
+  """The shapes metrics for `model` (and the untrained baseline if baseline_model is given)."""
+  d = config.data
+  sets = sets or eval_sets(config)
   key = jax.random.key(config.seed + 1)
   out = {}
-  vqa = shapes.eval_set('mmu', e.num_vqa, seed=1, size=d.image_size, max_objects=d.max_objects)
+  vqa = sets['vqa']
   answers = answer_questions(model, tok, config, [x['image'] for x in vqa],
                              [x['question'] for x in vqa], key, max_new_tokens=8)
   correct = np.array([a.strip() == x['answer'] for a, x in zip(answers, vqa)])
@@ -110,20 +147,18 @@ def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
     sel = np.array([x['qtype'] == qtype for x in vqa])
     if sel.any():
       out[f'shapes/vqa_accuracy_{qtype}'] = float(correct[sel].mean())
-  dist = shapes.answer_distribution(2000, seed=2, size=d.image_size, max_objects=d.max_objects)
-  majority = {q: c.most_common(1)[0][0] for q, c in dist.items()}
+  majority = majority_answers(d.image_size, d.max_objects)
   out['shapes/vqa_majority_baseline'] = float(np.mean(
       [majority.get(x['qtype']) == x['answer'] for x in vqa]))
 
-  caps = shapes.eval_set('caption', e.num_caption, seed=3, size=d.image_size,
-                         max_objects=d.max_objects)
+  caps = sets['caption']
   longest = max(len(tok.encode(x['answer'])) for x in caps) + 2
   said = answer_questions(model, tok, config, [x['image'] for x in caps],
                           [x['question'] for x in caps], key, max_new_tokens=longest)
   out['shapes/caption_exact'] = float(np.mean(
       [s.strip() == x['answer'] for s, x in zip(said, caps)]))
 
-  gen = shapes.eval_set('t2i', e.num_gen, seed=4, size=d.image_size, max_objects=d.max_objects)
+  gen = sets['t2i']
   prompts, scenes = [x['prompt'] for x in gen], [x['scene'] for x in gen]
   out['shapes/gen_accuracy'] = gen_accuracy(generate_images(model, tok, config, prompts, key),
                                             scenes)
@@ -131,6 +166,55 @@ def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
     out['shapes/gen_untrained_baseline'] = gen_accuracy(
         generate_images(baseline_model, tok, config, prompts, key), scenes)
   return out
+
+
+class EvalHistory:
+  """Held-out metrics during training: workdir/eval_history.jsonl and TensorBoard.
+
+  Every eval.metrics_every steps (and at the last step) one line {step, train_flops, wall_s,
+  eval_set, shapes/...}: train_flops are the analytic model FLOPs of the steps so far
+  (flops.py), wall_s the seconds of training so far without the evaluations themselves; both are
+  kept in the checkpoints (totals()) so that a resumed run continues them.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tok: Tokenizer,
+               writer: metrics_lib.MetricsWriter, totals: dict | None = None):
+    self.config, self.tok, self.writer = config, tok, writer
+    self.every = int(config.eval.metrics_every)
+    if self.every < 0:
+      raise ValueError(f'eval.metrics_every={self.every}: expected 0 (off) or a positive step '
+                       'count')
+    totals = totals or {}
+    self._flops = float(totals.get('train_flops', 0.0))
+    self._wall_base = float(totals.get('train_wall_s', 0.0))
+    self._eval_s = 0.0
+    self._t0 = time.perf_counter()
+    self._sets = eval_sets(config) if self.every else None
+    self.digest = eval_set_digest(self._sets) if self.every else None
+
+  def count(self, step_flops: float) -> None:
+    self._flops += step_flops
+
+  def wall_s(self) -> float:
+    return self._wall_base + time.perf_counter() - self._t0 - self._eval_s
+
+  def totals(self) -> dict:
+    return {'train_flops': self._flops, 'train_wall_s': self.wall_s()}
+
+  def due(self, step: int) -> bool:
+    return bool(self.every) and (step % self.every == 0 or step == self.config.total_steps)
+
+  def evaluate(self, model, step: int) -> dict:
+    """Runs the held-out metrics (every process; process 0 writes) and appends the line."""
+    t0 = time.perf_counter()
+    wall = self.wall_s()
+    results = evaluate(model, self.tok, self.config, sets=self._sets)
+    record = {'step': int(step), 'train_flops': self._flops, 'wall_s': wall,
+              'eval_set': self.digest, **results}
+    self.writer.write_jsonl(HISTORY_FILE, record)
+    self.writer.write_tensorboard(step, {f'eval/{k}': v for k, v in results.items()})
+    self._eval_s += time.perf_counter() - t0
+    return record
 
 
 def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
@@ -162,7 +246,9 @@ def main(argv):
   model, config, step = train_state.load_model(workdir, use_ema=True)
   tok = Tokenizer.load(config.data.tokenizer or None)
   baseline = None if flags.FLAGS.skip_untrained_baseline else train_state.build_model(config)
-  results = {'step': step, **evaluate(model, tok, config, baseline_model=baseline)}
+  sets = eval_sets(config)
+  results = {'step': step, 'eval_set': eval_set_digest(sets),
+             **evaluate(model, tok, config, baseline_model=baseline, sets=sets)}
   write_samples(model, tok, config, workdir, step)
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
     json.dump(results, f, indent=2)

@@ -56,8 +56,14 @@ class MetricsWriter:
     record = {'step': int(step), **{k: _json_number(v) for k, v in values.items()}}
     self._scalars.write(json.dumps(record, allow_nan=False) + '\n')
     self._scalars.flush()  # a crashed run keeps every line it logged
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, global_step=int(step))
+    self.write_tensorboard(step, values)
+
+  def write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
+    """Scalars to TensorBoard only (e.g. held-out metrics that have their own jsonl file)."""
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), global_step=int(step))
     self._tb.flush()
 
   def write_jsonl(self, name: str, record: dict) -> None:

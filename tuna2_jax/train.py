@@ -32,6 +32,7 @@ from tuna2_jax import cli
 from tuna2_jax import distributed
 from tuna2_jax import dry_run as dry_run_lib
 from tuna2_jax import evaluate as eval_lib
+from tuna2_jax import flops
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import sharding
@@ -143,9 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                save_every=config.checkpoint_every)
   start = ckpt.latest_step()
-  data_state = None
+  data_state, totals = None, {}
   if start is not None:
-    state, data_state, _ = ckpt.restore(start, train_state.with_shardings(abstract, shardings))
+    state, data_state, meta = ckpt.restore(start, train_state.with_shardings(abstract, shardings))
+    totals = meta or {}
     logging.info('resumed from step %d', start)
   else:
     state = train_state.create_sharded_state(config, mesh)
@@ -169,13 +171,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
   progress = metrics_lib.Progress(config.total_steps, start, enabled=lead)
   preemption = distributed.PreemptionWatcher()
+  history = eval_lib.EvalHistory(config, tok, writer, totals)
+  peak = flops.peak_flops(jax.devices()[0].device_kind)  # None on CPUs: no MFU then
   key = jax.random.key(config.seed)
-  last, tokens, t0 = {}, 0.0, time.perf_counter()
+  last, tokens, step_flops, t0 = {}, 0.0, 0.0, time.perf_counter()
   skipped = None  # records the data pipeline skipped, by reason, since this run started
   for step in range(start + 1, config.total_steps + 1):
     local = next(data_iter)
     skipped = packing.pop_skipped(local, skipped)
     tokens += float((local['segment_ids'] > 0).sum()) * jax.process_count()
+    # Every process's rows have the same layout statistics, so local x process count.
+    flops_now = flops.train_step_flops(config.model, local) * jax.process_count()
+    step_flops += flops_now
+    history.count(flops_now)
     state, aux = step_fn(state, sharding.global_batch(local, mesh, rules), key)
     stop = preemption.should_stop(step)
     if step % config.log_every == 0 or step == config.total_steps or stop:
@@ -183,11 +191,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       elapsed = time.perf_counter() - t0
       last = {k: float(v) for k, v in aux.items()}
       last['tokens_per_s'] = tokens / elapsed
+      per_device = step_flops / elapsed / jax.device_count()
+      last['tflops_per_s_per_device'] = per_device / 1e12
+      if peak:
+        last['mfu'] = per_device / peak
       if skipped is not None:
         last.update(packing.skipped_totals(skipped, jax.process_count()))
       writer.write_scalars(step, last)
       progress.update(step, {'loss': last['loss'], 'tok/s': last['tokens_per_s']})
-      tokens, t0 = 0.0, time.perf_counter()
+      tokens, step_flops, t0 = 0.0, 0.0, time.perf_counter()
+    if not stop and history.due(step):
+      history.evaluate(nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params']),
+                       step)
+      t0 = time.perf_counter()
     if not stop and (step % config.eval_every == 0 or step == config.total_steps):
       # Every process samples (the parameters are spread over all of them); process 0 writes.
       model = nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params'])
@@ -195,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('wrote %s', samples)
       t0 = time.perf_counter()
     if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-      ckpt.save(step, state, data_state=data_iter.get_state(), force=True)
+      ckpt.save(step, state, data_state=data_iter.get_state(), meta=history.totals(), force=True)
     if stop:
       logging.warning('preempted: saved the checkpoint of step %d; exiting', step)
       break
