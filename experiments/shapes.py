@@ -15,12 +15,7 @@ from tuna2_jax import config_lib
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, runlocal=False, vision='patch')
-  model = config_lib.model(
-      args.vision, patch_size=16, vocab_size=128,
-      dec=config_lib.decoder(3, 128, 4, 2, 32, 384, rope_theta=1e4),
-      head=config_lib.flow_head(2, 4, 2, 32, 384, rope_split=(8, 12, 12)),
-      encoder=config_lib.vision_encoder(96, 2, 4, 256, max_grid=8))
-  c = config_lib.base(model)
+  c = config_lib.base(config_lib.shapes_model(args.vision))
   c.total_steps = 600
   c.batch_size = 32
   c.seq_len = 128

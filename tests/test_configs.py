@@ -13,8 +13,9 @@ from tuna2_jax import train_state
 from tuna2_jax.models.patch_embed import PatchEmbed
 from tuna2_jax.models.vision_encoder import VisionEncoder
 
-EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
-                     for p in glob.glob(os.path.join(REPO_ROOT, 'experiments', '*.py')))
+EXPERIMENTS = sorted(os.path.relpath(os.path.splitext(p)[0], os.path.join(REPO_ROOT, 'experiments'))
+                     for pattern in ('*.py', os.path.join('ablations', '*.py'))
+                     for p in glob.glob(os.path.join(REPO_ROOT, 'experiments', pattern)))
 _SHAPES_ARGS = ['', 'runlocal=True', 'vision=encoder', 'runlocal=True,vision=encoder']
 ARGS = {'shapes': _SHAPES_ARGS, 'shapes_gpu': _SHAPES_ARGS}  # others: ['', 'runlocal=True']
 
@@ -44,7 +45,24 @@ def test_every_config_builds_abstractly(name, arg, capsys):
 
 
 def test_known_experiments_are_there():
-  assert {'shapes', 'tuna2_7b', 'tuna_r_7b'} <= set(EXPERIMENTS)
+  assert {'shapes', 'tuna2_7b', 'tuna_r_7b', 'siglip_shapes', 'ablations/tuna2',
+          'ablations/tuna_r'} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize('arg', ['', 'runlocal=True'])
+def test_siglip_config_builds_its_image_text_model(arg, capsys):
+  from tuna2_jax import pretrain_encoder
+  config = load_experiment('siglip_shapes', arg or None)
+  params = nnx.split(nnx.eval_shape(lambda: pretrain_encoder.build_model(config)), nnx.Param)[1]
+  with capsys.disabled():
+    print(f'\n  experiments/siglip_shapes.py:{arg}  {_count(params):,} parameters '
+          f'(ViT {_count(params["vision"]):,})')
+  # Its ViT is exactly the Tuna-R shapes model's, without the connector.
+  _, tuna_r = _abstract_params('shapes', 'runlocal=True,vision=encoder' if arg else
+                               'vision=encoder')
+  vit = {k: v.shape for k, v in jax.tree_util.tree_leaves_with_path(params['vision'])}
+  ours = {k: v.shape for k, v in jax.tree_util.tree_leaves_with_path(tuna_r['vision'])}
+  assert vit and set(vit) < set(ours) and all(ours[k] == s for k, s in vit.items())
 
 
 def test_tuna2_7b_has_the_papers_size():

@@ -124,3 +124,19 @@ def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDic
   loss = obj.text_coeff * text + obj.flow_coeff * flow
   return loss, {'loss': loss, 'text_loss': text, 'flow_loss': flow, 'text_tokens': n_text,
                 'flow_tokens': n_flow}
+
+
+def sigmoid_contrastive_loss(img_BE, txt_BE, log_temperature,
+                             bias) -> tuple[jax.Array, jax.Array]:
+  """SigLIP's pairwise sigmoid loss over a batch of matching (image, text) rows.
+
+  logits_ij = exp(t') <img_i, txt_j> + b; every pair is a binary problem, positive iff i = j:
+  loss = -(1/B) sum_ij log sigmoid(z_ij logits_ij), z = 2 I - 1. Returns (loss, image->text
+  top-1 accuracy within the batch).
+  """
+  logits = jnp.dot(img_BE, txt_BE.T, preferred_element_type=jnp.float32)
+  logits = logits * jnp.exp(log_temperature.astype(jnp.float32)) + bias.astype(jnp.float32)
+  z = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+  loss = -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0]
+  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+  return loss, accuracy

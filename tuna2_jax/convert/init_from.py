@@ -8,7 +8,9 @@ optimizer, EMA (= the parameters) and step 0:
                        every one of them, with equal shapes
   init.decoder_from    a Qwen2 / Qwen2.5 Hugging Face folder, or the output of
                        `python -m tuna2_jax.convert.qwen2`: the decoder
-  init.encoder_from    a SigLIP 2 Hugging Face folder: Tuna-R's ViT (not its connector)
+  init.encoder_from    a SigLIP 2 Hugging Face folder, or an encoder checkpoint of our own
+                       encoder pretraining (convert/vision_ckpt.py): Tuna-R's ViT (not its
+                       connector)
 
 Later sources override earlier ones; parameters no source provides keep their initialisation.
 Each array is read straight into its target sharding.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from tuna2_jax.convert import hf_folder, qwen2, siglip2
+from tuna2_jax.convert import hf_folder, qwen2, siglip2, vision_ckpt
 from tuna2_jax.convert.hf_folder import ConversionError
 
 
@@ -92,6 +94,17 @@ def _decoder(path: str, config, abstract: dict, shardings: dict) -> dict:
   return qwen2.load(path, abstract, shardings, target=config.model.decoder)
 
 
+def _encoder(path: str, config, abstract: dict, shardings: dict) -> dict:
+  if not vision_ckpt.is_checkpoint(path):
+    return siglip2.load(path, abstract, shardings, patch_size=config.model.patch_size,
+                        target=config.model.encoder)
+  vision_ckpt.check_compatible(path, config.model.encoder, config.model.patch_size)
+  wanted = {f'vision/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+            for k, v in abstract.items() if vision_ckpt.pretrained(k)}
+  return _sub(_restore_params(os.path.join(os.path.abspath(path), vision_ckpt.PARAMS_DIR),
+                              wanted, f'init.encoder_from={path!r}', partial=False), 'vision/')
+
+
 def pretrained_params(config: ml_collections.ConfigDict, abstract_params,
                       param_shardings) -> dict[str, jax.Array]:
   """{parameter path: array} from every configured source, in the parameters' shardings."""
@@ -109,8 +122,8 @@ def pretrained_params(config: ml_collections.ConfigDict, abstract_params,
     if config.model.vision != 'encoder':
       raise ConversionError(f'init.encoder_from={init.encoder_from!r} but model.vision='
                             f'{config.model.vision!r} has no vision encoder')
-    part = siglip2.load(init.encoder_from, _sub(abstract, 'vision/'), _sub(shardings, 'vision/'),
-                        patch_size=config.model.patch_size, target=config.model.encoder)
+    part = _encoder(init.encoder_from, config, _sub(abstract, 'vision/'),
+                    _sub(shardings, 'vision/'))
     loaded.update({f'vision/{k}': v for k, v in part.items()})
   return loaded
 

@@ -237,3 +237,44 @@ def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
     # Rows are generated in worker processes; the iterator state stays checkpointable.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
   return it
+
+
+# --- Image-caption batches (encoder pretraining) --------------------------------------------
+
+def caption_example(image_HW3: np.ndarray, text: str, tok: Tokenizer, *, patch_size: int,
+                    max_len: int) -> dict:
+  """One image with its caption: patches [N, p*p*3] uint8, patch_hw [N, 2], tokens [L], valid."""
+  ids = tok.encode(text)
+  if len(ids) > max_len:
+    raise ValueError(f'caption {text!r} has {len(ids)} tokens, more than the text tower\'s '
+                     f'max_len={max_len}')
+  gw = image_HW3.shape[1] // patch_size
+  patches = seq.patchify(image_HW3, patch_size)
+  n = np.arange(len(patches))
+  tokens = np.full(max_len, tok.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  return {'patches': patches, 'patch_hw': np.stack([n // gw, n % gw], -1).astype(np.int32),
+          'tokens': tokens, 'valid': np.arange(max_len) < len(ids)}
+
+
+def caption_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer) -> dict:
+  """A training scene (never a held-out one) and its caption, a pure function of the index."""
+  ex = shapes.sample_t2i(np.random.default_rng([config.seed, index]), config.data.image_size,
+                         config.data.max_objects)
+  return caption_example(ex['image'], ex['prompt'], tok, patch_size=config.model.patch_size,
+                         max_len=config.siglip.text.max_len)
+
+
+def caption_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+  """Batches of this process's image-caption rows, laid out as train_dataset's rows are."""
+  if config.batch_size % process_count:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  local_batch = config.batch_size // process_count
+  ds = grain.MapDataset.range(_NUM_ROWS // config.batch_size * local_batch).map(
+      functools.partial(_global_row, batch_size=config.batch_size, local_batch=local_batch,
+                        process_index=process_index))
+  ds = ds.map(functools.partial(caption_row, config=config, tok=tok))
+  return ds.batch(local_batch, drop_remainder=True).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

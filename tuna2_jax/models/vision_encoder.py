@@ -39,9 +39,11 @@ class EncoderBlock(nnx.Module):
 
 
 class VisionEncoder(nnx.Module):
-  def __init__(self, cfg: ml_collections.ConfigDict, *, patch_size: int, out_width: int,
+  def __init__(self, cfg: ml_collections.ConfigDict, *, patch_size: int, out_width: int | None,
                impl: str, remat: str, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
+    """out_width: the decoder width the connector maps to; None builds the ViT alone (the
+    encoder pretraining of models/siglip.py)."""
     if cfg.width % cfg.num_heads:
       raise ValueError(f'encoder width {cfg.width} is not divisible by num_heads {cfg.num_heads}')
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -54,9 +56,10 @@ class VisionEncoder(nnx.Module):
     self.blocks = make_stack(
         lambda r: EncoderBlock(cfg, impl, rngs=r, dtype=dtype, param_dtype=param_dtype),
         cfg.num_layers, rngs)
-    self.connector_norm = rms_norm(cfg.width, cfg.norm_eps, **kw)
-    self.connector_fc1 = dense(cfg.width, out_width, (None, EMBED), bias=True, **kw)
-    self.connector_fc2 = dense(out_width, out_width, (EMBED, EMBED), bias=True, **kw)
+    if out_width is not None:
+      self.connector_norm = rms_norm(cfg.width, cfg.norm_eps, **kw)
+      self.connector_fc1 = dense(cfg.width, out_width, (None, EMBED), bias=True, **kw)
+      self.connector_fc2 = dense(out_width, out_width, (EMBED, EMBED), bias=True, **kw)
 
   def __call__(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
                patch_hw_BT2: jax.Array, info: attn_lib.MaskInfo) -> jax.Array:
