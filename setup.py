@@ -27,6 +27,7 @@ setup(
         'pillow',
         'tqdm',
         'tensorboardX',
+        'matplotlib',
         'absl-py',
     ],
     extras_require={
