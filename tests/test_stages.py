@@ -117,6 +117,18 @@ def test_init_from_takes_parameters_only(stage1):
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state['opt']))  # fresh moments
 
 
+def test_init_from_a_relative_workdir(stage1, monkeypatch):
+  workdir, previous = stage1
+  monkeypatch.chdir(workdir.parent)
+  config = load_experiment('shapes', 'runlocal=True')
+  config.init_from = workdir.name  # as the configs write it: relative to where the run starts
+  loaded, _ = _pretrained(config)
+  want = hf_folder.flat_paths(previous['params'])
+  assert set(loaded) == set(want)
+  for name, value in loaded.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]))
+
+
 def test_init_from_another_model_names_the_parameter(stage1, tmp_path):
   config = load_experiment('shapes', 'runlocal=True')
   config.model.decoder.mlp_dim = 96

@@ -28,7 +28,8 @@ for seed in $SEEDS; do
   done
 done | xargs -P "$JOBS" -L 1 bash -c \
     'mkdir -p "$(dirname "$2")" && python -m tuna2_jax.train --config="$1" --workdir="$2" \
-         $EXTRA_ARGS > "$2.log" 2>&1 || { echo "failed: $2 (see $2.log)"; exit 255; }' _
+         $EXTRA_ARGS > "$2.log" 2>&1 || { echo "failed: $2 (see $2.log)"; exit 1; }' _ \
+    || { echo "some runs failed; the others finished (re-running resumes them)"; exit 1; }
 runs=""
 for arm in $ARMS; do
   for seed in $SEEDS; do runs="$runs $ROOT/$arm/seed$seed"; done

@@ -73,7 +73,8 @@ def _from_workdir(workdir: str, abstract: dict, shardings: dict) -> dict:
                             f'{os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)}')
   wanted = {f'params/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
             for k, v in abstract.items()}
-  path = os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
+  # orbax reads metadata only through absolute paths (a relative one looks empty).
+  path = os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
   restored = _restore_params(path, wanted, f'init_from={workdir!r} step {step}', partial=True)
   return _sub(restored, 'params/')
 
