@@ -96,6 +96,18 @@ def test_seeds_of_one_arm_may_differ_only_in_the_seed(tmp_path):
   assert len(warnings) == 1 and 'model.vision' in warnings[0]
 
 
+def test_per_seed_paths_are_not_differences(tmp_path):
+  def config(arm, seed, vision):
+    c = _config(arm, seed, vision)
+    c['init_from'] = f'runs/align/seed{seed}' if vision == 'encoder' else ''
+    c['ablation']['varies'] = list(KEYS) + ['init_from']
+    return c
+  runs = [_write_run(tmp_path, 'b/seed0', config('tuna_r', 0, 'encoder'), [0.5] * 3),
+          _write_run(tmp_path, 'b/seed1', config('tuna_r', 1, 'encoder'), [0.5] * 3),
+          _write_run(tmp_path, 'a/seed0', config('tuna2', 0, 'patch'), [0.5] * 3)]
+  assert compare.compare(runs, str(tmp_path / 'report'))['warnings'] == []
+
+
 def test_different_evaluation_sets_are_flagged(runs, tmp_path):
   other = _write_run(tmp_path, 'b/seed2', _config('tuna_r', 2, 'encoder'), [0.5] * 3,
                      eval_set='xyz')

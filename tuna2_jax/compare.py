@@ -9,8 +9,9 @@ REPORT_DIR gets, per metric, `<metric>.png` (the metric against steps and agains
 FLOPs: mean over seeds with the min-max spread shaded), `report.md` (final and best values and
 the steps, and FLOPs, at which the mean first reaches each threshold) and `summary.json` (the
 same numbers). Runs whose configs differ in more than the ablated keys (config key
-ablation.varies, plus --ablated; seeds always), or whose evaluation sets differ, produce a warning
-listing the differences, printed and written at the top of report.md.
+ablation.varies, plus --ablated; seeds always; the seeds of one arm only in the seed and in
+per-seed paths), or whose evaluation sets differ, produce a warning listing the differences,
+printed and written at the top of report.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tuna2_jax.evaluate import HISTORY_FILE
 ALWAYS_DIFFERENT = ('seed',)  # the seeds of an arm, and of the arms, differ by design
 _SEED_DIR = re.compile(r'^seed\d+$')
 _SKIPPED_METRICS = re.compile(r'_baseline$')  # constants, not curves
+_NUMBER = re.compile(r'\d+')
 
 
 class Run:
@@ -80,28 +82,46 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, object]:
   return out
 
 
+def _same(a, b) -> bool:
+  """Equal, or strings equal but for their numbers (per-seed paths such as .../seed0)."""
+  if a == b:
+    return True
+  return isinstance(a, str) and isinstance(b, str) and _NUMBER.sub('#', a) == _NUMBER.sub('#', b)
+
+
 def config_differences(a: dict, b: dict, allowed: Sequence[str]) -> list[str]:
   """'key: A vs B' for every flattened config key where a and b differ, outside `allowed`."""
   fa, fb = flatten(a), flatten(b)
   return [f'{k}: {fa.get(k, "<absent>")!r} vs {fb.get(k, "<absent>")!r}'
           for k in sorted(fa.keys() | fb.keys())
-          if k not in allowed and fa.get(k, '<absent>') != fb.get(k, '<absent>')]
+          if k not in allowed and not _same(fa.get(k, '<absent>'), fb.get(k, '<absent>'))]
 
 
 def consistency_warnings(runs: Sequence[Run], ablated: Sequence[str] = ()) -> list[str]:
-  """Config differences beyond the ablated keys, and differing evaluation sets."""
+  """Config differences beyond the ablated keys, and differing evaluation sets.
+
+  The seeds of one arm may differ only in the seed (and in per-seed paths); arms may differ in
+  the ablated keys too.
+  """
   allowed = set(ALWAYS_DIFFERENT) | set(ablated)
   for r in runs:
     allowed |= set((r.config.get('ablation') or {}).get('varies') or ())
+  firsts: dict[str, Run] = {}
+  pairs = []
+  for r in runs:
+    if r.arm in firsts:
+      pairs.append((firsts[r.arm], r, ALWAYS_DIFFERENT))
+    else:
+      if firsts:
+        pairs.append((runs[0], r, tuple(allowed)))
+      firsts[r.arm] = r
   warnings = []
-  reference = runs[0]
-  for r in runs[1:]:
-    # Runs of one arm may differ only in the seed.
-    keep = ALWAYS_DIFFERENT if r.arm == reference.arm else tuple(allowed)
+  for reference, r, keep in pairs:
     diffs = config_differences(reference.config, r.config, keep)
     if diffs:
-      warnings.append(f'{r.workdir} differs from {reference.workdir} beyond the ablated keys: '
-                      + '; '.join(diffs))
+      warnings.append(f'{r.workdir} differs from {reference.workdir} beyond the '
+                      f'{"seed" if keep == ALWAYS_DIFFERENT else "ablated keys"}: ' +
+                      '; '.join(diffs))
   digests = {}
   for r in runs:
     for d in {rec.get('eval_set') for rec in r.history}:
