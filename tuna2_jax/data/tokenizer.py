@@ -15,6 +15,7 @@ Regenerate the shipped model (deterministic, under a second):
   python -m tuna2_jax.data.tokenizer --out tuna2_jax/data/assets/shapes_sp
 """
 
+import abc
 import argparse
 import io
 import json
@@ -32,7 +33,7 @@ BOI, EOI, IMG = '<boi>', '<eoi>', '<img>'
 HF_TOKENIZER_FILE = 'tokenizer.json'
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Text <-> ids, with the special ids of the sequence format (see the module docstring)."""
 
   pad_id: int
@@ -52,18 +53,21 @@ class Tokenizer:
     return SentencePieceTokenizer.load(path)
 
   @property
+  @abc.abstractmethod
   def vocab_size(self) -> int:
-    raise NotImplementedError
+    """Ids in the tokenizer, special tokens included."""
 
+  @abc.abstractmethod
   def pieces(self) -> list[str]:
-    raise NotImplementedError
+    """The text of every id, in id order."""
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
     """Text pieces only; the caller adds BOS / EOS where the sequence format wants them."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def _decode_ids(self, ids: list[int]) -> str:
-    raise NotImplementedError
+    """Text of ids that are all text tokens."""
 
   def decode(self, ids) -> str:
     """Text up to the first EOS, without pad, bos or image tokens."""
