@@ -83,7 +83,7 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.dtype = 'float32'  # compute dtype; parameters are stored in param_dtype
   m.param_dtype = 'float32'
   m.remat = 'none'  # models/transformer.py REMAT_POLICIES
-  m.attention = 'dense'
+  m.attention = 'auto'  # models/attention.py IMPLS; auto picks the kernel per backend
   m.decoder = dec
   m.head = head
   m.encoder = encoder or vision_encoder(128, 2, 4, 384, 16)

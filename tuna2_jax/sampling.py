@@ -3,7 +3,10 @@
 Both loops are single compiled programs (lax.fori_loop inside jit). Image rows are built by the
 caller with data/tasks.py prompts and stacked left-padded (data/sequence.py), so every row's
 image span sits at the same slots; with CFG the batch holds the conditional rows followed by
-as many unconditional (null-prompt) rows.
+as many unconditional (null-prompt) rows, run together as one batch. The prompt (text, and an
+editing source image) is clean and precedes the target, so its keys and values in the decoder
+and the flow head are computed once (the prompt cache) and each flow step runs only the
+target span's tokens against them.
 """
 
 from __future__ import annotations
@@ -12,62 +15,102 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tuna2_jax import objectives
 from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.models.transformer import empty_kv_cache
 from tuna2_jax.models.tuna import mask_info
 
 SAMPLERS = ('euler', 'heun')
 
 
-def guided_prediction(model, batch, x_BTP, t, *, cfg_scale: float, cfg_interval) -> jax.Array:
-  """x-prediction at time t (scalar) for every target token, guided when cfg_scale != 1.
-
-  Guidance x_u + s (x_c - x_u) applies only while t lies inside cfg_interval.
-  """
-  gen = batch['gen_mask']
-  t_BT = jnp.where(gen, t, 1.0)
-  clean = objectives.to_unit_range(batch['patches'])
-  x_in = jnp.where(gen[..., None], x_BTP, clean)
-  _, x_hat = model(batch, x_in, t_BT)
+def guide(x_hat_BTP, t, *, cfg_scale: float, cfg_interval) -> jax.Array:
+  """x_u + s (x_c - x_u) over a batch of conditional rows followed by as many unconditional
+  ones (both halves get the guided value); s applies only while t lies inside cfg_interval."""
   if cfg_scale == 1.0:
-    return x_hat
-  x_c, x_u = jnp.split(x_hat, 2, axis=0)
+    return x_hat_BTP
+  x_c, x_u = jnp.split(x_hat_BTP, 2, axis=0)
   lo, hi = cfg_interval
   scale = jnp.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
   guided = x_u + scale * (x_c - x_u)
   return jnp.concatenate([guided, guided], axis=0)
 
 
-@functools.partial(nnx.jit, static_argnames=('steps', 'sampler', 'noise_scale', 't_eps',
-                                             'cfg_scale', 'cfg_interval'))
+def generated_slots(gen_mask_BT) -> tuple[int, int]:
+  """(start, stop): the slots every row generates, when all rows share one contiguous range.
+
+  Raises ValueError otherwise (rows not left-padded to a common end, or several targets).
+  """
+  gen = np.asarray(gen_mask_BT)
+  cols = np.flatnonzero(gen.any(axis=0))
+  if cols.size == 0:
+    raise ValueError('prompt cache: the batch has no generated (gen_mask) slots')
+  start, stop = int(cols[0]), int(cols[-1]) + 1
+  if not gen[:, start:stop].all() or gen[:, stop:].any():
+    raise ValueError(f'prompt cache: rows generate different slots (gen_mask columns {start}..'
+                     f'{stop - 1} not all set); stack rows left-padded (data/sequence.py) with '
+                     'one target image each')
+  if start == 0:
+    raise ValueError('prompt cache: the generated span starts at slot 0, leaving no prompt')
+  return start, stop
+
+
 def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler',
                   noise_scale: float = 1.0, t_eps: float = 0.05, cfg_scale: float = 1.0,
-                  cfg_interval: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
+                  cfg_interval: tuple[float, float] = (0.0, 1.0),
+                  prompt_cache: bool | None = None) -> jax.Array:
   """Integrates dx/dt = v from t = 0 (noise * noise_scale) to t = 1 over `steps` uniform steps.
 
   Returns the generated pixel blocks [B, T, p*p*3] in [-1, 1] (clean inputs elsewhere); with
   CFG, rows B/2.. repeat the first half. v = (x_hat - x_t) / max(1 - t, t_eps).
+
+  prompt_cache: compute the prompt's keys and values (decoder and head) once and run only the
+  generated slots at each step (model.prefill / model.extend); None = whenever the model has
+  them. The result equals the uncached one up to float rounding.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
+  if prompt_cache is None:
+    prompt_cache = hasattr(model, 'prefill')
+  span = generated_slots(batch['gen_mask']) if prompt_cache else None
+  return _sample_images(model, batch, key, steps=steps, sampler=sampler, noise_scale=noise_scale,
+                        t_eps=t_eps, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
+                        span=span)
+
+
+@functools.partial(nnx.jit, static_argnames=('steps', 'sampler', 'noise_scale', 't_eps',
+                                             'cfg_scale', 'cfg_interval', 'span'))
+def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_scale: float,
+                   t_eps: float, cfg_scale: float, cfg_interval: tuple[float, float],
+                   span: tuple[int, int] | None) -> jax.Array:
+  """The sampler loop as one program; span = (start, stop) runs it on cached prompt slots."""
+  clean = objectives.to_unit_range(batch['patches'])
+  start, stop = span or (0, clean.shape[1])
+  gen = batch['gen_mask'][:, start:stop]
+  clean_span = clean[:, start:stop]
+  caches = model.prefill(batch, start, stop) if span else None
   # Parameters travel in the loop carry: nnx rebuilds the model at the loop's trace level.
   graphdef, params = nnx.split(model)
 
-  def predict(params, x, t):
-    return guided_prediction(nnx.merge(graphdef, params), batch, x, t, cfg_scale=cfg_scale,
-                             cfg_interval=cfg_interval)
+  def velocity(params, x, t):
+    m = nnx.merge(graphdef, params)
+    t_BT = jnp.where(gen, t, 1.0)
+    x_in = jnp.where(gen[..., None], x, clean_span)
+    if span:
+      x_hat = m.extend(batch, x_in, t_BT, caches, start, stop)
+    else:
+      x_hat = m(batch, x_in, t_BT)[1]
+    x_hat = guide(x_hat, t, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
+    return (x_hat - x) / jnp.maximum(1.0 - t, t_eps)
 
-  shape = batch['patches'].shape
-  noise = jax.random.normal(key, shape, jnp.float32) * noise_scale
+  # Drawn for every slot, so a cached and an uncached run from one key share their noise.
+  noise = jax.random.normal(key, clean.shape, jnp.float32)[:, start:stop] * noise_scale
   if cfg_scale != 1.0:  # both branches start from the same noise
     half, _ = jnp.split(noise, 2, axis=0)
     noise = jnp.concatenate([half, half], axis=0)
   dt = 1.0 / steps
-
-  def velocity(params, x, t):
-    return (predict(params, x, t) - x) / jnp.maximum(1.0 - t, t_eps)
 
   def step(i, carry):
     params, x = carry
@@ -82,8 +125,8 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
 
   _, x = jax.lax.fori_loop(0, steps, step, (params, noise))
   # Only generated tokens were meant to move; every other slot returns its clean input.
-  x = jnp.where(batch['gen_mask'][..., None], x, objectives.to_unit_range(batch['patches']))
-  return jnp.clip(x, -1.0, 1.0)
+  x = jnp.where(gen[..., None], x, clean_span)
+  return jnp.clip(clean.at[:, start:stop].set(x), -1.0, 1.0)
 
 
 def _sample_token(logits_BV, key, temperature: float) -> jax.Array:
@@ -105,10 +148,7 @@ def decode_text(model, batch: dict, key, *, max_new_tokens: int, eos_id: int, pa
   slots = length + max_new_tokens
   dec = model.decoder
   c = dec.cfg
-  cache = {
-      'k': jnp.zeros((c.num_layers, b, slots, c.num_kv_heads, c.head_dim), dec.dtype),
-      'v': jnp.zeros((c.num_layers, b, slots, c.num_kv_heads, c.head_dim), dec.dtype),
-      'index': jnp.zeros((), jnp.int32)}
+  cache = empty_kv_cache(c.num_layers, b, slots, c.num_kv_heads, c.head_dim, dec.dtype)
   pad_tail = lambda a: jnp.pad(a, ((0, 0), (0, max_new_tokens)))
   info = mask_info(batch)
   kv_info = MaskInfo(pad_tail(info.segment_ids), pad_tail(info.positions),

@@ -8,16 +8,32 @@ Mask rule ("omni"): query i may attend key j iff both are in the same packed seg
 id != 0) and either j is not after i (causal, by position) or both lie in the same image span
 (bidirectional inside an image, time token included). The "span" kind drops the causal part:
 tokens only see their own span (the vision encoder, which runs per image).
+
+Kernels (config `model.attention`):
+  dense       the reference below: an explicit [B, T, S] mask; any backend, any layout (KV cache).
+  omni_flash  kernels/omni_flash.py: Pallas flash attention with one key interval per query, no
+              T x T mask; GPU (Triton), or Pallas interpret mode on CPU for tests. Calls with a
+              KV cache (decoding, the sampler's prompt cache) run dense under it.
+  cudnn       cuDNN fused attention (jax.nn.dot_product_attention) given the omni mask as a
+              boolean mask; GPU, bfloat16 / float16 only.
+  splash      TPU splash attention. Not wired yet: its masks are static, while the omni mask
+              follows each batch's image spans, so naming it is an error and auto on TPU falls
+              back to dense.
+  auto        per backend: omni_flash on GPU, splash on TPU (see above), dense on CPU; a
+              preferred kernel that cannot serve a call falls back to dense with a warning.
+Naming a kernel the backend or call cannot use raises ValueError instead of falling back.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 KINDS = ('omni', 'span')
-IMPLS = ('dense',)
+IMPLS = ('auto', 'dense', 'omni_flash', 'cudnn', 'splash')
 # Finite so that fully masked rows (padding) give a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -65,9 +81,72 @@ def dense_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
   return out.reshape(b, t, h, d)
 
 
+def kernel_problem(impl: str, *, backend: str, dtype, head_dim: int) -> str | None:
+  """Why `impl` cannot run this call (None when it can)."""
+  if impl == 'dense':
+    return None
+  if impl == 'splash':
+    return ('splash attention takes only static masks, and the omni mask depends on each '
+            "batch's image spans; it is not wired to the omni entry point")
+  if impl == 'cudnn':
+    if backend != 'gpu':
+      return f'cuDNN attention needs a GPU (backend is {backend})'
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      return f'cuDNN attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}'
+    return None
+  if impl == 'omni_flash':
+    if backend not in ('gpu', 'cpu'):
+      return f'the omni_flash kernel lowers through Triton (GPU) only (backend is {backend})'
+    if head_dim < 16 or head_dim & (head_dim - 1):
+      return f'omni_flash needs a power-of-two head_dim >= 16, got {head_dim}'
+    return None
+  raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
+                 backend: str | None = None) -> str:
+  """The kernel that runs a call: `impl` itself, or auto's pick for this backend and call."""
+  backend = backend or jax.default_backend()
+  if impl not in IMPLS:
+    raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
+  kw = dict(backend=backend, dtype=dtype, head_dim=head_dim)
+  if impl in ('auto', 'omni_flash') and not self_attention:
+    return 'dense'  # KV-cache calls (decoding, the prompt cache): short queries, any key order
+  if impl != 'auto':
+    problem = kernel_problem(impl, **kw)
+    if problem:
+      raise ValueError(f'attention impl {impl!r} cannot run here: {problem}; use '
+                       "model.attention='auto' or 'dense'")
+    return impl
+  preferred = {'gpu': 'omni_flash', 'tpu': 'splash'}.get(backend, 'dense')
+  problem = kernel_problem(preferred, **kw)
+  if problem is None:
+    return preferred
+  if (preferred, problem) not in _warned:  # once per reason, not once per layer and trace
+    _warned.add((preferred, problem))
+    logging.warning('attention auto: %s unavailable (%s); using dense', preferred, problem)
+  return 'dense'
+
+
 def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
               kind: str = 'omni', impl: str = 'dense') -> jax.Array:
-  """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K]."""
-  if impl == 'dense':
-    return dense_attention(q_BTHK, k_BSGK, v_BSGK, omni_mask(q_info, kv_info, kind))
-  raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
+  """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K].
+
+  impl 'omni_flash' (and auto's use of it) needs q_info is kv_info: self-attention over packed
+  rows, where every query's keys form one interval; KV-cache calls pass a separate kv_info.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'attention kind {kind!r}: expected one of {KINDS}')
+  impl = resolve_impl(impl, dtype=q_BTHK.dtype, head_dim=q_BTHK.shape[-1],
+                      self_attention=q_info is kv_info)
+  if impl == 'omni_flash':
+    from tuna2_jax.kernels import omni_flash  # Pallas imports stay off the reference path
+    return omni_flash.omni_flash_attention(q_BTHK, k_BSGK, v_BSGK, q_info, kind=kind)
+  mask_BTS = omni_mask(q_info, kv_info, kind)
+  if impl == 'cudnn':
+    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_BTS[:, None],
+                                        implementation='cudnn')
+  return dense_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS)

@@ -113,6 +113,14 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
 
 
+def empty_kv_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int,
+                   dtype) -> dict:
+  """A run_stack cache: {'k', 'v': [L, B, S, G, K] zeros, 'index': 0}."""
+  shape = (num_layers, batch, slots, num_kv_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'index': jnp.zeros((), jnp.int32)}
+
+
 def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                rngs: nnx.Rngs) -> nnx.Module:
   """Creates num_layers blocks with parameters stacked on a leading 'layers' axis."""

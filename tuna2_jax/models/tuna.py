@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax import objectives
+from tuna2_jax.data.sequence import FIELDS
+from tuna2_jax.models.attention import IMPLS, MaskInfo
 from tuna2_jax.models.decoder import Decoder
 from tuna2_jax.models.flow_head import FlowHead
 from tuna2_jax.models.patch_embed import PatchEmbed
 from tuna2_jax.models.timestep import TimestepEmbedder
-from tuna2_jax.models.transformer import dtype_of
+from tuna2_jax.models.transformer import dtype_of, empty_kv_cache
 from tuna2_jax.models.vision_encoder import VisionEncoder
 
 VISIONS = ('patch', 'encoder')
@@ -29,6 +31,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
   """Raises ValueError naming the first impossible setting."""
   if cfg.vision not in VISIONS:
     raise ValueError(f'model.vision={cfg.vision!r}: expected one of {VISIONS}')
+  if cfg.attention not in IMPLS:
+    raise ValueError(f'model.attention={cfg.attention!r}: expected one of {IMPLS}')
   dec, head = cfg.decoder, cfg.head
   for name, c in (('decoder', dec), ('head', head)):
     if c.num_heads % c.num_kv_heads:
@@ -54,6 +58,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
 
 def mask_info(batch: dict) -> MaskInfo:
   return MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
+
+
+def slots(batch: dict, start: int, stop: int) -> dict:
+  """The per-token fields of a batch at slots [start, stop)."""
+  return {k: v[:, start:stop] for k, v in batch.items() if k in FIELDS}
 
 
 class Tuna(nnx.Module):
@@ -96,3 +105,37 @@ class Tuna(nnx.Module):
     hidden_BTD, _ = self.decoder(self.embed(batch, x_BTP, t_BT, drop_BT), info)
     x_hat_BTP, _ = self.head(hidden_BTD, t_BT, batch['span_ids'] > 0, batch['pos3'], info)
     return hidden_BTD, x_hat_BTP
+
+  def prefill(self, batch: dict, length: int, slots_total: int) -> dict:
+    """Decoder and head KV caches [L, B, slots_total, G, K] holding slots [0, length).
+
+    The prefix is clean (t = 1) and, under the omni mask, cannot see anything after it, so its
+    keys and values serve every later call of `extend` unchanged (the prompt cache of
+    text -> image sampling).
+    """
+    pre = slots(batch, 0, length)
+    kv_info = mask_info(slots(batch, 0, slots_total))
+    b = batch['tokens'].shape[0]
+    ones_BT = jnp.ones(pre['tokens'].shape, jnp.float32)
+    h_BTD = self.embed(pre, objectives.to_unit_range(pre['patches']), ones_BT)
+    dec, head = self.decoder, self.head
+    dec_cache = empty_kv_cache(dec.cfg.num_layers, b, slots_total, dec.cfg.num_kv_heads,
+                               dec.cfg.head_dim, dec.dtype)
+    head_cache = empty_kv_cache(head.cfg.num_layers, b, slots_total, head.cfg.num_kv_heads,
+                                head.cfg.head_dim, head.dtype)
+    hidden_BTD, dec_cache = dec(h_BTD, mask_info(pre), kv_info, dec_cache)
+    _, head_cache = head(hidden_BTD, ones_BT, pre['span_ids'] > 0, pre['pos3'], mask_info(pre),
+                         kv_info, head_cache)
+    return {'decoder': dec_cache, 'head': head_cache}
+
+  def extend(self, batch: dict, x_BSP: jax.Array, t_BS: jax.Array, caches: dict, start: int,
+             stop: int) -> jax.Array:
+    """x_hat [B, S, p*p*3] at slots [start, stop) on top of `prefill`'s caches of [0, start)."""
+    suffix = slots(batch, start, stop)
+    q_info, kv_info = mask_info(suffix), mask_info(slots(batch, 0, stop))
+    at = lambda c: dict(c, index=jnp.asarray(start, jnp.int32))
+    hidden_BSD, _ = self.decoder(self.embed(suffix, x_BSP, t_BS), q_info, kv_info,
+                                 at(caches['decoder']))
+    x_hat_BSP, _ = self.head(hidden_BSD, t_BS, suffix['span_ids'] > 0, suffix['pos3'], q_info,
+                             kv_info, at(caches['head']))
+    return x_hat_BSP
