@@ -6,7 +6,6 @@ compilation cache, private to the session, lets the several tiny training runs o
 test_training.py compile their (identical) programs once.
 """
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -36,13 +35,13 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
+from tuna2_jax import config_lib  # noqa: E402  (after the XLA flags above)
+
+
 def load_experiment(name: str, arg: str | None = None):
   """get_config(arg) of experiments/<name>.py, loaded by path as --config=<file>:<arg> does."""
   path = os.path.join(REPO_ROOT, 'experiments', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(f'{path}:{arg}' if arg else path)
 
 
 def perturbed_params(model, scale: float = 0.05, seed: int = 0):

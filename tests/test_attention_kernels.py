@@ -17,7 +17,7 @@ def _info(rows) -> attn_lib.MaskInfo:
                            jnp.asarray(rows['span_ids']))
 
 
-@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('seed', range(3))
 @pytest.mark.parametrize('kind', attn_lib.KINDS)
 def test_key_bounds_are_the_omni_mask(seed, kind):
   rows = _random_rows(seed, rows=4)
@@ -34,8 +34,7 @@ def _qkv(seed, b, t, h, g, d, dtype=jnp.float32):
           jax.random.normal(kv, (b, t, g, d), dtype))
 
 
-@pytest.mark.parametrize('seed,kind,heads', [(0, 'omni', (4, 2)), (1, 'omni', (6, 2)),
-                                             (2, 'span', (4, 4)), (3, 'omni', (2, 1))])
+@pytest.mark.parametrize('seed,kind,heads', [(1, 'omni', (6, 2)), (2, 'span', (4, 4))])
 def test_omni_flash_matches_dense_values_and_grads(seed, kind, heads):
   """Blocks of 16 over rows of ~40-70 slots: several key blocks, ragged tails, padding."""
   rows = _random_rows(seed, rows=3)
@@ -112,3 +111,29 @@ def test_auto_picks_per_backend_and_falls_back_with_a_warning(caplog):
   assert 'splash unavailable' in caplog.text and 'omni_flash unavailable' in caplog.text
   with pytest.raises(ValueError, match="impl 'flash3'"):
     attn_lib.resolve_impl('flash3', backend='gpu', self_attention=True, **kw)
+
+
+def test_omni_flash_runs_per_shard_under_a_mesh():
+  """Rows split over data, heads over tensor: each device runs the kernel on its own shard."""
+  from tuna2_jax import config_lib, sharding
+  mesh = sharding.mesh_from_sizes(data=4, tensor=2)
+  rules = config_lib.base(config_lib.shapes_model()).sharding_rules
+  rows = _random_rows(11, rows=4)
+  info = _info(rows)
+  b, t = rows['segment_ids'].shape
+  q, k, v = _qkv(11, b, t, 4, 2, 16)
+  mask = attn_lib.omni_mask(info, info)
+  live = np.asarray(mask.any(-1))
+
+  def loss(q, k, v):
+    with sharding.activation_sharding(mesh, rules):
+      out = attn_lib.attention(q, k, v, info, info, impl='omni_flash')
+    return jnp.sum(out * live[..., None, None]), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  dense_loss = lambda q, k, v: jnp.sum(attn_lib.dense_attention(q, k, v, mask) *
+                                       live[..., None, None])
+  np.testing.assert_allclose(np.asarray(out)[live],
+                             np.asarray(attn_lib.dense_attention(q, k, v, mask))[live], atol=2e-5)
+  for gf, gd in zip(grads, jax.grad(dense_loss, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(gf), np.asarray(gd), atol=5e-5)

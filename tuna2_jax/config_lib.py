@@ -6,7 +6,22 @@ a config, never in model code.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of 'path/to/config.py[:arg]', as --config=path:arg loads it."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} not found')
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

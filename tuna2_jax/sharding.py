@@ -226,6 +226,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
       x, NamedSharding(mesh, logical_to_mesh(P(*logical_axes), rules)))
 
 
+def per_shard(fn, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]):
+  """fn run on each device's shards (shard_map) while activation_sharding is active, else fn.
+
+  For kernels XLA cannot split itself (Pallas calls): their inputs arrive already split by the
+  rules table's mapping of the given logical axes, and every shard is computed independently.
+  """
+  active = _ACTIVATION_RULES.get()
+  if active is None:
+    return fn
+  mesh, rules = active
+  spec = lambda axes: logical_to_mesh(P(*axes), rules)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes),
+                       out_specs=spec(out_axes), check_vma=False)
+
+
 # --- batch ---
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """Rows split over the mesh axes of the 'batch' rule (default: data and fsdp)."""

@@ -32,7 +32,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tuna2_jax import sharding
+
 KINDS = ('omni', 'span')
+# Logical axes of attention's inputs, for kernels run per shard (sharding.per_shard).
+QUERY_AXES = ('batch', 'activation_length', 'heads', None)
+KV_AXES = ('batch', 'activation_length', 'kv_heads', None)
 IMPLS = ('auto', 'dense', 'omni_flash', 'cudnn', 'splash')
 # Finite so that fully masked rows (padding) give a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -144,7 +149,15 @@ def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
                       self_attention=q_info is kv_info)
   if impl == 'omni_flash':
     from tuna2_jax.kernels import omni_flash  # Pallas imports stay off the reference path
-    return omni_flash.omni_flash_attention(q_BTHK, k_BSGK, v_BSGK, q_info, kind=kind)
+
+    def kernel(q, k, v, segment_ids, positions, span_ids):
+      info = MaskInfo(segment_ids, positions, span_ids)
+      return omni_flash.omni_flash_attention(q, k, v, info, kind=kind)
+
+    # Rows (and heads, under tensor parallelism) are independent: each device runs its shard.
+    q_axes, kv_axes, row_axes = QUERY_AXES, KV_AXES, ('batch', 'activation_length')
+    return sharding.per_shard(kernel, (q_axes, kv_axes, kv_axes) + (row_axes,) * 3, q_axes)(
+        q_BTHK, k_BSGK, v_BSGK, q_info.segment_ids, q_info.positions, q_info.span_ids)
   mask_BTS = omni_mask(q_info, kv_info, kind)
   if impl == 'cudnn':
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_BTS[:, None],

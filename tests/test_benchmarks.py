@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end on tiny settings and report finite figures."""
+
+import math
+
+import numpy as np
+
+from benchmarks import attention, packed_batch, sampling, train_step
+from conftest import load_experiment
+from tuna2_jax import flops
+
+
+def test_packed_batch_has_the_training_layout():
+  config = load_experiment('tuna2_1_5b', 'runlocal=True')
+  batch = packed_batch.packed_batch(config, batch_size=2, seq_len=256)
+  assert batch['tokens'].shape == (2, 256)
+  assert (batch['segment_ids'] > 0).mean() > 0.5  # rows are filled, not mostly padding
+  assert batch['gen_mask'].any() and (batch['loss_mask'] > 0).any()  # both objectives present
+  assert flops.train_step_flops(config.model, batch) > 0
+
+
+def test_train_step_benchmark_runs_tuna_r(capsys):
+  out = train_step.main(['--config=experiments/tuna2_1_5b.py:runlocal=True,vision=encoder',
+                         '--steps=2', '--warmup=1'])
+  assert math.isfinite(out['loss']) and out['tokens_per_s'] > 0 and out['step_s'] > 0
+  printed = capsys.readouterr().out
+  assert 'device: cpu' in printed and 'vision=encoder' in printed and 'tokens/s' in printed
+
+
+def test_attention_benchmark_runs_the_omni_kernel(capsys):
+  rows = attention.main(['--seq_lens=128', '--heads=2,1', '--head_dim=16', '--block=32,32',
+                         '--iters=1'])
+  assert [r['pass'] for r in rows] == ['fwd', 'fwd+bwd']
+  assert all(r['omni_s'] > 0 and np.isfinite(r['omni_tflops']) for r in rows)
+  assert 'cuDNN skipped' in capsys.readouterr().out
+
+
+def test_sampling_benchmark_runs_cached_and_uncached(capsys):
+  out = sampling.main(['--config=experiments/tuna2_1_5b.py:runlocal=True', '--batch_sizes=1',
+                       '--steps=2', '--new_tokens=2', '--repeats=1', '--prompt_tokens=8'])
+  assert out['t2i_b1']['speedup'] > 0 and out['decode_b1'] > 0
+  assert 'prompt cache' in capsys.readouterr().out
