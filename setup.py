@@ -31,7 +31,7 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'torch==2.13.0', 'transformers'],
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers'],
         'tfds': ['tensorflow-datasets'],
         'gpu': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
