@@ -8,7 +8,9 @@ times
   1. the training pipeline (read, decode, resize, crop to the nearest bucket, tokenize, pack
      into 16k-token rows, batch) from the JSON-lines file and from converted ArrayRecord shards,
      with 1 loader thread (= one core) and more;
-  2. the converter (records per second per core, one process).
+  2. the converter (records per second per core, one process);
+  3. reading, decoding and resizing alone, the floor the pipeline's rate cannot pass;
+each pipeline figure for both resamplers (data.resize: opencv, the config default; pillow).
 Prints the machine it ran on. Per-core figures come from runs pinned to one CPU core
 (sched_setaffinity), so helper threads cannot borrow a second core; each is given as wall-clock
 rate and as rate per CPU-second the process used (the two agree on an idle machine; on a shared
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import tuna2_data  # noqa: E402
 from tuna2_jax.data import convert, pipeline, shapes  # noqa: E402
+from tuna2_jax.data import images as images_lib  # noqa: E402
 from tuna2_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 PHOTO_SIZES = ((480, 640), (600, 800), (768, 1024), (1024, 768), (720, 1280), (640, 640))
@@ -85,11 +88,12 @@ class one_core:
       os.sched_setaffinity(0, self._saved)
 
 
-def pipeline_rate(spec: str, buckets: str, threads: int,
-                  n_images: int) -> tuple[float, float, float]:
+def pipeline_rate(spec: str, buckets: str, threads: int, n_images: int,
+                  resize: str) -> tuple[float, float, float]:
   """(images per wall second, per CPU second, share of row slots used) over ~n_images images."""
   c = tuna2_data.get_config(f'buckets={buckets}')
-  c.data.update(t2i=spec, mmu='', edit='', text='', read_threads=threads, worker_count=0)
+  c.data.update(t2i=spec, mmu='', edit='', text='', read_threads=threads, worker_count=0,
+                resize=resize)
   c.data.weights.update(t2i=1.0, mmu=0.0, edit=0.0, text=0.0)
   c.batch_size = 1
   it = iter(pipeline.train_dataset(c, Tokenizer.load()))
@@ -111,6 +115,8 @@ def main():
   parser.add_argument('--measure', type=int, default=480, help='images timed per run')
   parser.add_argument('--threads', default='1,2')
   parser.add_argument('--buckets', default='512', choices=('512', '1024'))
+  parser.add_argument('--resize', default=','.join(images_lib.RESAMPLERS),
+                      help='data.resize values to time (the first is the config default)')
   args = parser.parse_args()
   print(f'machine: {machine()}')
   with tempfile.TemporaryDirectory() as root:
@@ -129,17 +135,34 @@ def main():
     print(f'converter (1 process on 1 core, {n} records): {n / wall:.0f} records/s per core '
           f'wall-clock, {n / cpu:.0f} records per CPU-second')
 
-    for spec, name in ((jsonl, 'JSON-lines'), (os.path.join(root, 'ar'), 'ArrayRecord')):
-      for threads in map(int, args.threads.split(',')):
-        if threads == 1:
-          with one_core():
-            ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure)
-          rate = f'{ips:.0f} images/s per core wall-clock (pinned to 1 core)'
-        else:
-          ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure)
-          rate = f'{ips:.0f} images/s wall-clock (unpinned)'
-        print(f'pipeline ({name}, {threads} loader thread{"s" * (threads > 1)}): {rate}, '
-              f'{per_cpu_s:.0f} images per CPU-second; rows {used:.0%} full')
+    resamplers = args.resize.split(',')
+    paths = [os.path.join(root, 'images', n) for n in os.listdir(os.path.join(root, 'images'))]
+    for resize in resamplers:
+      with one_core():  # the pipeline's floor: what decoding and resizing alone take per image
+        c0 = time.process_time()
+        for path in paths:
+          with open(path, 'rb') as f:
+            images_lib.decode_to_bucket(f.read(), tuna2_data.BUCKETS[args.buckets],
+                                        resampler=resize)
+        cpu = time.process_time() - c0
+      print(f'read + decode + bicubic resize alone (data.resize={resize}, 1 core): '
+            f'{len(paths) / cpu:.0f} images per CPU-second')
+
+    for resize in resamplers:
+      for spec, name in ((jsonl, 'JSON-lines'), (os.path.join(root, 'ar'), 'ArrayRecord')):
+        for threads in map(int, args.threads.split(',')):
+          if threads == 1:
+            with one_core():
+              ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure,
+                                                   resize)
+            rate = f'{ips:.0f} images/s per core wall-clock (pinned to 1 core)'
+          else:
+            ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure,
+                                                 resize)
+            rate = f'{ips:.0f} images/s wall-clock (unpinned)'
+          print(f'pipeline ({name}, data.resize={resize}, {threads} loader '
+                f'thread{"s" * (threads > 1)}): {rate}, {per_cpu_s:.0f} images per CPU-second; '
+                f'rows {used:.0%} full')
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, runlocal=False, vision='patch')
   c = config_lib.base(config_lib.shapes_model(args.vision))
   c.total_steps = 600
-  c.batch_size = 32
+  c.batch_size = 24  # 600 x 24 rows learned more than 450 x 32 rows, at the same cost
   c.seq_len = 128
   c.log_every = 25
   c.eval_every = 600

@@ -30,7 +30,7 @@ def model_config(vision: str):
       vision, patch_size=16, vocab_size=QWEN_VOCAB + ADDED_SPECIAL_TOKENS,
       dec=config_lib.qwen2_5_7b(),
       head=config_lib.flow_head(16, 56, 14, 64, 18944, rope_split=(16, 24, 24)),
-      encoder=config_lib.siglip2_so400m_16(max_grid=64))
+      encoder=config_lib.siglip2_so400m_16())
 
 
 def get_config(arg: str | None = None, vision: str = 'patch'):

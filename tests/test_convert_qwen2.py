@@ -123,16 +123,81 @@ def test_load_places_each_parameter_in_its_sharding(tmp_path):
   cfg = qwen2.decoder_config(hf_folder.HFFolder(str(tmp_path)).config)
   _, abstract = qwen2.abstract_decoder(cfg, VOCAB)
   flat = hf_folder.flat_paths(abstract)
-  mesh = jax.make_mesh((len(jax.devices()),), ('fsdp',))
-  P = jax.sharding.PartitionSpec
-  # Layers replicated, the second axis split: each device reads only its slice of every layer.
-  shardings = {k: jax.sharding.NamedSharding(mesh, P(None, 'fsdp') if len(v.shape) == 3 else P())
-               for k, v in flat.items()}
+  shardings = _fsdp_shardings(flat)
   sharded = qwen2.load(str(tmp_path), flat, shardings)
   plain = qwen2.load(str(tmp_path), flat)
   for k in flat:
     assert sharded[k].sharding == shardings[k]
     np.testing.assert_array_equal(np.asarray(sharded[k]), np.asarray(plain[k]))
+
+
+def _fsdp_shardings(flat):
+  """Layers replicated, the next axis split: each device reads its slice of every layer."""
+  mesh = jax.make_mesh((len(jax.devices()),), ('fsdp',))
+  P = jax.sharding.PartitionSpec
+  return {k: jax.sharding.NamedSharding(mesh, P(None, 'fsdp') if len(v.shape) == 3 else P())
+          for k, v in flat.items()}
+
+
+def test_load_streams_tensor_by_tensor_into_each_devices_shard(tmp_path, monkeypatch):
+  """Read by byte range, as from a cloud folder: every tensor is read once, in one read no larger
+  than itself; the host keeps at most one parameter's source tensors; every placement callback
+  returns just its device's shard. The result equals the memory-mapped load."""
+  save_tiny_qwen2(tmp_path)
+  folder = hf_folder.HFFolder(str(tmp_path))
+  cfg = qwen2.decoder_config(folder.config)
+  flat = hf_folder.flat_paths(qwen2.abstract_decoder(cfg, VOCAB)[1])
+  shardings = _fsdp_shardings(flat)
+  plain = qwen2.load(str(tmp_path), flat, shardings)  # memory-mapped
+
+  reads, kept = [], []
+  read_range, release = hf_folder._read_range, hf_folder.HFFolder.release
+  make_array = jax.make_array_from_callback
+
+  def recorded_read(file, offset, size):
+    if offset > 8:  # not the header's length (at 0) or the header (at 8)
+      reads.append(size)
+    return read_range(file, offset, size)
+
+  def recorded_release(self):
+    kept.append(sum(t.nbytes for t in self._read.values()))
+    release(self)
+
+  def recorded_make_array(shape, sharding, callback):
+    got = []
+
+    def shard(index):
+      out = callback(index)
+      assert out.shape == sharding.shard_shape(shape)
+      got.append(str(tuple(index)))
+      return out
+    result = make_array(shape, sharding, shard)
+    # One callback per distinct shard (devices holding a replica share it), none other.
+    want = {str(tuple(i)) for i in sharding.addressable_devices_indices_map(shape).values()}
+    assert sorted(got) == sorted(want)
+    return result
+
+  monkeypatch.setattr(hf_folder, 'is_local', lambda path: False)
+  monkeypatch.setattr(hf_folder, '_read_range', recorded_read)
+  monkeypatch.setattr(hf_folder.HFFolder, 'release', recorded_release)
+  monkeypatch.setattr(jax, 'make_array_from_callback', recorded_make_array)
+  monkeypatch.setattr(np, 'memmap', None)  # the ranged path must not memory-map
+  ranged = qwen2.load(str(tmp_path), flat, shardings)
+
+  sizes = sorted(int(np.prod(s)) * 4 for s in folder.shapes.values())
+  assert sorted(reads) == sizes  # each tensor once, whole
+  largest_param = max(int(np.prod(v.shape)) * 4 for v in flat.values())
+  assert len(kept) == len(flat) and max(kept) <= largest_param < sum(sizes) // 4
+  for k in flat:
+    assert ranged[k].sharding == shardings[k]
+    np.testing.assert_array_equal(np.asarray(ranged[k]), np.asarray(plain[k]))
+
+
+def test_cloud_urls_are_kept_as_urls(tmp_path, monkeypatch):
+  assert hf_folder.absolute('gs://bucket/Qwen2.5-7B') == 'gs://bucket/Qwen2.5-7B'
+  assert not hf_folder.is_local('gs://bucket/Qwen2.5-7B')
+  monkeypatch.chdir(tmp_path)
+  assert hf_folder.absolute('qwen') == str(tmp_path / 'qwen')
 
 
 # --- the 7B mapping, from the published tensor list (names and shapes only) ---

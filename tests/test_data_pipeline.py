@@ -3,7 +3,9 @@ per-process sharding, fault counters up to metrics.jsonl."""
 
 import collections
 import json
+import logging
 import os
+import re
 
 import grain
 import jax
@@ -16,7 +18,7 @@ from flax import nnx
 import fake_data
 from conftest import load_experiment, perturbed_params
 from tuna2_jax import objectives, train, train_state
-from tuna2_jax.data import packing, pipeline, records, shapes
+from tuna2_jax.data import convert, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -103,7 +105,7 @@ def test_first_fit_packing_keeps_every_sample_whole_and_counts_faults():
   for seg in got:
     want = by_key[key(seg)]
     for k in ('targets', 'loss_mask', 'is_time', 'is_patch', 'gen_mask', 'task', 'pos3',
-              'patch_hw', 'positions'):
+              'patch_grid', 'positions'):
       np.testing.assert_array_equal(seg[k], want[k])
     np.testing.assert_array_equal(seg['span_ids'] > 0, want['span_ids'] > 0)
   used = sum(len(s['tokens']) for s in samples) / (len(rows) * seq_len)
@@ -161,6 +163,67 @@ def test_packed_per_sample_losses_equal_the_unpacked_ones():
   assert nll[0].sum() > 0 and flow[0].sum() > 0
 
 
+def test_the_objective_sees_each_packed_sample_as_if_alone():
+  """objectives.compute_loss itself (its per-span timesteps, noise, masks, normalisation).
+
+  compute_loss draws one t per span id of a row and noise per token slot. A sample alone in a
+  row at the offset and span ids it has in the packed row gets the same draws, so its losses
+  there must equal its losses in the packed row with only its tokens counted.
+  """
+  config = load_experiment('shapes', 'runlocal=True')
+  config.objective.mmu_noisy_prob = 1.0  # understanding images noised too (per span)
+  model = perturbed_params(train_state.build_model(config))
+  rng = np.random.default_rng(3)
+  samples = [_random_sample(rng, t) for t in ('t2i', 'mmu', 'edit', 'text', 't2i', 'mmu')]
+  lengths = [len(s['tokens']) for s in samples]
+  length = sum(lengths) + 5
+  packed = seq.pack(samples, length, patch_size=P, pad_id=0)
+  padding = seq.empty_row(length, P, 0)
+  owner = np.zeros(length, int)  # sample k's tokens: k (from the lengths, not the packer's ids)
+  owner[:sum(lengths)] = np.repeat(np.arange(1, len(samples) + 1), lengths)
+  key = jax.random.key(11)
+  loss = nnx.jit(lambda m, b: objectives.compute_loss(m, b, key, 0, config)[1])
+  as_batch = lambda row: {k: jnp.asarray(v[None]) for k, v in row.items()}
+
+  # One t per span, independent across the spans of different samples.
+  t = np.asarray(objectives.sample_timesteps(key, as_batch(packed), config.objective))[0]
+  spans = np.unique(packed['span_ids'][packed['span_ids'] > 0])
+  noised = []
+  for k in spans:
+    idx = packed['span_ids'] == k
+    assert len(np.unique(t[idx])) == 1  # the time token and every patch of the span
+    if packed['gen_mask'][idx].all():
+      assert 0 < t[idx][0] < 1
+    elif packed['task'][idx][0] == seq.TASK_IDS['mmu']:
+      assert 1 - config.objective.mmu_noisy_max <= t[idx][0] < 1
+    else:
+      assert t[idx][0] == 1  # an editing source stays clean
+    noised += [t[idx][0]] if t[idx][0] < 1 else []
+  assert len(noised) >= 5 and len(set(noised)) == len(noised)  # no span shares another's draw
+  assert np.all(t[packed['span_ids'] == 0] == 1)
+
+  full = loss(model, as_batch(packed))
+  text_sum = flow_sum = 0.0
+  for i in range(1, len(samples) + 1):
+    mine = owner == i
+    counted = dict(packed, loss_mask=packed['loss_mask'] * mine,
+                   gen_mask=packed['gen_mask'] & mine)
+    alone = {k: np.where(mine.reshape(-1, *[1] * (v.ndim - 1)), v, padding[k])
+             for k, v in packed.items()}
+    got, want = loss(model, as_batch(counted)), loss(model, as_batch(alone))
+    for k in ('text_loss', 'flow_loss', 'text_tokens', 'flow_tokens'):
+      np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-4, atol=1e-6,
+                                 err_msg=f'sample {i} ({samples[i - 1]["task"][0]}): {k}')
+    text_sum += float(want['text_loss']) * float(want['text_tokens'])
+    flow_sum += float(want['flow_loss']) * float(want['flow_tokens'])
+  # The packed row's losses are the token-weighted means of the samples' own losses.
+  assert float(full['text_tokens']) > 0 and float(full['flow_tokens']) > 0
+  np.testing.assert_allclose(float(full['text_loss']) * float(full['text_tokens']), text_sum,
+                             rtol=1e-4)
+  np.testing.assert_allclose(float(full['flow_loss']) * float(full['flow_tokens']), flow_sum,
+                             rtol=1e-4)
+
+
 def test_mixture_shares_match_the_weights(tmp_path, tok):
   files = fake_data.write_corpus(str(tmp_path), bad=False)
   for task, path in files.items():  # 1000 records each (grain's shuffle is slow on tiny sets)
@@ -172,10 +235,9 @@ def test_mixture_shares_match_the_weights(tmp_path, tok):
   mixed = pipeline.mixed_samples(c, tok)
   n = 10_000
   counts = collections.Counter(int(mixed[i]['task'][0]) for i in range(n))
-  names = {v: k for k, v in seq.TASK_IDS.items()}
-  for task_id, count in counts.items():
-    want = c.data.weights[names[task_id]]
-    assert abs(count / n - want) < 0.01, (names[task_id], count / n, want)
+  for task, want in c.data.weights.items():  # a stream that never shows up fails here too
+    got = counts[seq.TASK_IDS[task]] / n
+    assert abs(got - want) < 0.01, (task, got, want)
 
 
 def _batches(it, n):
@@ -227,9 +289,14 @@ def test_worker_processes_resume_exactly(corpus, tok):
   assert not np.array_equal(first[0]['tokens'], first[1]['tokens'])
 
 
-def test_two_processes_see_disjoint_records(tmp_path, tok):
+@pytest.mark.parametrize('kind', ['jsonl', 'array_record'])
+def test_two_processes_see_disjoint_records(tmp_path, tok, kind):
   docs = shapes.corpus_sentences()[:40]
   path = fake_data.write_jsonl(str(tmp_path / 'docs.jsonl'), [{'text': d} for d in docs])
+  if kind == 'array_record':
+    path = str(tmp_path / 'docs_ar')
+    convert.convert(str(tmp_path / 'docs.jsonl'), 'text', path, num_shards=3, workers=0,
+                    log=lambda m: None)
   seen = []
   for index in range(2):
     c = _config(text=path)
@@ -247,20 +314,64 @@ def test_two_processes_see_disjoint_records(tmp_path, tok):
   assert seen[0] | seen[1] == set(docs)
 
 
-@pytest.mark.slow
-def test_training_on_files_logs_the_fault_counters(corpus, tmp_path):
+def test_skipped_records_are_logged_with_their_location_rate_limited(tmp_path, tok, caplog):
+  """Every fault is counted; the log names the record and reason: all of the first 10 of a
+  reason, then every 1000th (so a source with millions of bad records cannot flood it)."""
+  lines = ([{'text': 'a red circle.'}] + ['{"text": '] * 5 +
+           [{'conversations': 'not a list'}] * 2100)
+  path = fake_data.write_jsonl(str(tmp_path / 'docs.jsonl'), lines)
+  caplog.set_level(logging.WARNING)
+  ds = pipeline.stream_dataset(_config(text=path), 'text', path, tok)
+  got = [ds[i] for i in range(len(lines))]  # one epoch: every record once
+  counts = collections.Counter(records.FAULT_REASONS[int(g[packing.FAULT_KEY])] for g in got
+                               if packing.FAULT_KEY in g)
+  assert counts == {'bad_json': 5, 'bad_field': 2100}
+  logged = collections.defaultdict(list)
+  for r in caplog.records:
+    if r.getMessage().startswith('skipped record'):
+      reason = next(x for x in records.FAULT_REASONS if f': {x}: ' in r.getMessage())
+      logged[reason].append(r.getMessage())
+  assert len(logged['bad_json']) == 5 and len(logged['bad_field']) == 10 + 2
+  for message in logged['bad_json']:  # the file and the line: lines 2..6 are the bad JSON
+    assert re.search(re.escape(path) + r':[2-6]: bad_json: not valid JSON', message), message
+  assert re.search(re.escape(path) + r':\d+: bad_field: .*record 2000 of this process',
+                   logged['bad_field'][-1])
+
+  # ArrayRecord records are named by folder and index, with the line they were converted from.
+  corpus = fake_data.write_corpus(str(tmp_path / 'corpus'))
+  folder = str(tmp_path / 't2i_ar')
+  convert.convert(corpus['t2i'], 't2i', folder, workers=0, log=lambda m: None)
+  caplog.clear()
+  ds = pipeline.stream_dataset(_config(t2i=folder), 't2i', folder, tok)
+  assert sum(packing.FAULT_KEY in ds[i] for i in range(9)) == 1  # the caption too long to fit
+  (message,) = [r.getMessage() for r in caplog.records]
+  assert re.match(re.escape(f'skipped record {folder}#') + r'\d+ \(' + re.escape(corpus['t2i']) +
+                  r':\d+\): too_long', message), message
+
+
+def _train_on_files(corpus, workdir, total_steps):
   c = _config(**corpus)
   c.batch_size = jax.device_count()
-  c.optim.schedule = 'constant'
-  c.update(total_steps=2, log_every=1, checkpoint_every=2, eval_every=2)
-  workdir = str(tmp_path / 'run')
+  c.optim.schedule = 'constant'  # the lr of a step does not depend on total_steps
+  c.update(total_steps=total_steps, log_every=1, checkpoint_every=2, eval_every=100)
   train.train(c, workdir)
-  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert [line['step'] for line in lines] == [1, 2]
-  for key in packing.SKIPPED_KEYS:
-    assert key in lines[-1]
-  assert sum(lines[-1][k] for k in packing.SKIPPED_KEYS) > 0
-  assert np.isfinite(lines[-1]['loss'])
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+@pytest.mark.slow
+def test_training_on_files_resumes_exactly_with_cumulative_fault_counters(corpus, tmp_path):
+  """train() on the mixture config: 4 steps in one go vs 2 steps, then resumed to 4."""
+  whole = _train_on_files(corpus, str(tmp_path / 'whole'), 4)
+  _train_on_files(corpus, str(tmp_path / 'cut'), 2)
+  resumed = _train_on_files(corpus, str(tmp_path / 'cut'), 4)
+  assert [line['step'] for line in resumed] == [line['step'] for line in whole] == [1, 2, 3, 4]
+  for want, got in zip(whole, resumed):
+    for key in ('loss', 'text_loss', 'flow_loss', 'grad_norm') + packing.SKIPPED_KEYS:
+      assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), (want['step'], key)
+  assert all(np.isfinite(line['loss']) for line in resumed)
+  # The counters count from the start of training: still growing after the restart.
+  total = [sum(line[k] for k in packing.SKIPPED_KEYS) for line in resumed]
+  assert 0 < total[1] < total[3], total
 
 
 def test_training_refuses_a_missing_source_before_anything_runs(tmp_path):

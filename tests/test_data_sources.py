@@ -3,9 +3,12 @@
 import collections
 import io
 import json
+import logging
+import os
 import sys
 import types
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -136,8 +139,9 @@ def test_bucket_is_the_nearest_aspect_ratio(hw, bucket):
   assert images.choose_bucket(*hw, BUCKETS) == bucket
 
 
+@pytest.mark.parametrize('resampler', images.RESAMPLERS)
 @pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
-def test_resize_keeps_the_centre_and_crops_the_sides(fmt):
+def test_resize_keeps_the_centre_and_crops_the_sides(fmt, resampler):
   # 128 x 256 (1:2) onto 64 x 64: the left and right quarters are cropped away.
   img = np.zeros((128, 256, 3), np.uint8)
   img[:, :64] = (255, 0, 0)
@@ -145,9 +149,25 @@ def test_resize_keeps_the_centre_and_crops_the_sides(fmt):
   img[:, 192:] = (0, 0, 255)
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, fmt, quality=95)
-  out = images.decode_to_bucket(buf.getvalue(), ((64, 64),))
+  out = images.decode_to_bucket(buf.getvalue(), ((64, 64),), resampler=resampler)
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   assert np.abs(out.astype(int) - (0, 255, 0)).max() < 40  # only the green centre is left
+
+
+def test_opencv_and_pillow_resamplers_agree_on_a_photo():
+  # 720 x 1280 onto the 16:9 bucket of 512-class: a 1.9x shrink, the largest these photos see.
+  rng = np.random.default_rng(1)
+  buf = io.BytesIO()
+  fake_data.scene_image(rng, 720, 1280)[1].save(buf, 'JPEG', quality=90)
+  fast, exact = (images.decode_to_bucket(buf.getvalue(), ((384, 672),), resampler=r)
+                 for r in ('opencv', 'pillow'))
+  assert fast.shape == exact.shape == (384, 672, 3)
+  assert np.abs(fast.astype(int) - exact).mean() < 3
+
+
+def test_unknown_resampler_is_refused():
+  with pytest.raises(ValueError, match='data.resize'):
+    images.check_resampler('lanczos')
 
 
 def test_large_jpeg_decodes_at_reduced_scale_to_the_same_size():
@@ -184,6 +204,50 @@ def test_converter_round_trip_keeps_bytes_and_text(corpus, tmp_path, tok, capsys
     convert.convert(corpus['t2i'], 't2i', out)
 
 
+def _shard_records(folder):
+  """{shard file name: [record bytes]} of a converted folder."""
+  return {name: list(grain.sources.ArrayRecordDataSource([os.path.join(folder, name)]))
+          for name in sorted(os.listdir(folder)) if name.endswith(sources.ARRAY_RECORD_SUFFIX)}
+
+
+def test_converter_workers_write_the_same_records_with_the_original_image_bytes(corpus,
+                                                                              tmp_path):
+  written = {}
+  for workers in (0, 2):
+    out = str(tmp_path / f'workers{workers}')
+    convert.convert(corpus['t2i'], 't2i', out, num_shards=3, workers=workers, log=lambda m: None)
+    written[workers] = (_shard_records(out), json.load(open(os.path.join(out, 'meta.json'))))
+  assert written[2] == written[0]  # same shards, same records in the same order, same summary
+  shards, meta = written[0]
+  assert len(shards) == 3 and sum(map(len, shards.values())) == meta['records'] == 9
+  root = os.path.dirname(corpus['t2i'])
+  lines = open(corpus['t2i'], encoding='utf-8').read().splitlines()
+  for record in (r for recs in shards.values() for r in recs):
+    task, fields, blobs, where = records.decode_record(record)
+    line = json.loads(lines[int(where.rsplit(':', 1)[1]) - 1])
+    assert task == 't2i' and fields == {'caption': line['caption']}
+    with open(os.path.join(root, line['image']), 'rb') as f:
+      assert blobs['image'] == f.read()  # the file's bytes, not a re-encode
+
+
+def test_1024_class_buckets_and_a_1024_class_sample(tok):
+  config = load_experiment('tuna2_data', 'buckets=1024')
+  buckets = images.check_buckets(config.data.buckets, config.model.patch_size)
+  assert buckets[0] == (1024, 1024) and config.data.image_size == 1344
+  for h, w in buckets:  # ~4096 patches of 16 px at about 1:1, 4:5, 5:4, 4:7, 7:4
+    assert 4000 <= (h // 16) * (w // 16) <= 4096
+  ratios = sorted(round(w / h, 2) for h, w in buckets)
+  assert ratios == [0.57, 0.78, 1.0, 1.29, 1.75]
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  fake_data.scene_image(rng, 720, 1280)[1].save(buf, 'JPEG', quality=90)  # 16:9
+  pixels = images.decode_to_bucket(buf.getvalue(), buckets)
+  assert pixels.shape == (768, 1344, 3) and pixels.dtype == np.uint8
+  s = tasks.format_example({'task': 't2i', 'prompt': 'a red circle.', 'image': pixels}, tok, 16)
+  assert s['is_patch'].sum() == 48 * 84 and s['is_time'].sum() == 1
+  assert s['patches'].shape == (len(s['tokens']), 16 * 16 * 3)
+
+
 def test_converted_folder_of_another_task_is_refused(corpus, tmp_path):
   out = str(tmp_path / 'text_ar')
   convert.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
@@ -199,13 +263,66 @@ def test_missing_source_stops_with_one_clear_error(tmp_path):
     pipeline.check_data(_config(mmu=str(tmp_path)))
 
 
+def _fake_tfds(rows=None):
+  """A stand-in for tensorflow_datasets knowing one dataset, 'vqa' (train, validation)."""
+  def builder(name):
+    if name != 'vqa':
+      raise ValueError(f'Dataset {name} not found.')  # as tfds's DatasetNotFoundError
+    return types.SimpleNamespace(info=types.SimpleNamespace(splits={'train': 3, 'validation': 1}))
+
+  def data_source(name, split):
+    if rows is None:
+      raise AssertionError('checking a config must not read (or download) the dataset')
+    return rows if name == 'vqa' else None
+
+  return types.SimpleNamespace(builder=builder, data_source=data_source)
+
+
+def test_unusable_sources_stop_the_run_before_training(corpus, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # not installed
+  with pytest.raises(ImportError, match='data.mmu=.tfds:vqa. needs tensorflow-datasets'):
+    pipeline.check_data(_config(mmu='tfds:vqa'))
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', _fake_tfds())
+  pipeline.check_data(_config(mmu='tfds:vqa:validation[:50%]'))
+  with pytest.raises(ValueError, match="data.mmu='tfds:vqa_v9'.* no dataset 'vqa_v9'"):
+    pipeline.check_data(_config(mmu='tfds:vqa_v9'))
+  with pytest.raises(ValueError, match="no split 'test'; expected one of \\['train', 'valid"):
+    pipeline.check_data(_config(mmu='tfds:vqa:test'))
+
+  config = _config(t2i=corpus['t2i'])
+  config.data.image_root.t2i = str(tmp_path / 'no_images_here')
+  with pytest.raises(FileNotFoundError, match='data.image_root.t2i=.*no_images_here.* not a '
+                     'folder'):
+    pipeline.check_data(config)
+
+  out = str(tmp_path / 'text_ar')
+  convert.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
+  pipeline.check_data(_config(text=out))
+  with pytest.raises(ValueError, match="data.mmu=.*text_ar.* holds 'text' records"):
+    pipeline.check_data(_config(mmu=out))
+
+
+def test_a_weighted_stream_without_a_source_is_a_warning_unless_none_is_left(corpus, caplog):
+  config = _config(t2i=corpus['t2i'], text=corpus['text'])
+  config.data.weights.update(t2i=0.5, mmu=0.25, edit=0.0, text=0.25)
+  caplog.set_level(logging.WARNING)
+  pipeline.check_data(config)
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warning.startswith('data.weights.mmu=0.25 but data.mmu is empty: the mmu stream is '
+                            'left out and t2i, text share its weight')
+  config.data.weights.update(t2i=0.0, text=0.0)
+  with pytest.raises(ValueError, match='needs at least one stream'):
+    pipeline.check_data(config)  # the only weighted stream has no source
+  with pytest.raises(ValueError, match='needs at least one stream'):
+    pipeline.check_data(_config())
+
+
 def test_tfds_stream_maps_features_onto_the_task(monkeypatch, tok):
   rng = np.random.default_rng(0)
   rows = [{'img': fake_data.scene_image(rng, 60, 100)[1], 'q': b'how many objects?', 'a': b'two.'}
           for _ in range(3)]
   rows = [dict(r, img=np.asarray(r['img'])) for r in rows]
-  fake = types.SimpleNamespace(data_source=lambda name, split: rows if name == 'vqa' else None)
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', _fake_tfds(rows))
   config = _config(mmu='tfds:vqa:train')
   config.data.tfds_fields.mmu = 'image=img,question=q,answer=a'
   samples = pipeline.stream_dataset(config, 'mmu', config.data.mmu, tok)
@@ -225,6 +342,7 @@ def test_assemble_matches_a_token_by_token_layout():
   assert list(s['tokens']) == [2, 9] + [6] * 7 + [5, 7, 8] + [6] * 2 + [3]
   assert list(s['span_ids']) == [0, 0] + [1] * 7 + [0] * 3 + [2] * 2 + [0]
   assert list(s['pos3'][3]) == [3, 3, 3] and list(s['pos3'][8]) == [3, 4, 5]  # (t, h+row, w+col)
-  assert list(s['patch_hw'][8]) == [1, 2]
+  assert list(s['patch_grid'][8]) == [1, 2, 2, 3]  # (row, col) in a 2 x 3 patch grid
+  assert list(s['patch_grid'][2]) == [0, 0, 0, 0]  # the time token is no patch
   np.testing.assert_array_equal(s['patches'][3:9], seq.patchify(pieces[1].pixels, 2))
   assert list(s['loss_mask']) == [0] * 8 + [1, 1, 1] + [0] * 4  # predicts 5, 7, 8

@@ -2,6 +2,7 @@
 a new stage starts from the previous stage's parameters (or pretrained weights) with a new
 optimizer, as distinct from resuming."""
 
+import json
 import math
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import load_experiment
 from tuna2_jax import checkpoint as ckpt_lib
-from tuna2_jax import sharding, train, train_state
+from tuna2_jax import config_lib, sharding, train, train_state
 from tuna2_jax.convert import hf_folder, init_from, qwen2
 from tuna2_jax.convert.hf_folder import ConversionError
 from tuna2_jax.data import pipeline
@@ -172,6 +173,82 @@ def test_decoder_from_a_qwen2_folder_or_its_converted_checkpoint(tmp_path):
       _pretrained(config)
 
 
+def test_encoder_from_a_siglip2_folder_or_its_converted_checkpoint(tmp_path):
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  from test_convert_siglip2 import save_tiny_siglip2
+  config = load_experiment('shapes', 'runlocal=True,vision=encoder')
+  e = config.model.encoder
+  ref = save_tiny_siglip2(tmp_path / 'hf', hidden_size=e.width, num_hidden_layers=e.num_layers + 1,
+                          num_attention_heads=e.num_heads, intermediate_size=e.mlp_dim,
+                          patch_size=config.model.patch_size, num_patches=e.max_grid ** 2)
+  out = tmp_path / 'converted'
+  done = subprocess.run([sys.executable, '-m', 'tuna2_jax.convert.siglip2',
+                         f'--hf_dir={tmp_path / "hf"}', f'--output={out}'],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+  assert done.returncode == 0, done.stderr
+  results = []
+  for source in ('hf', 'converted'):
+    config.init.encoder_from = str(tmp_path / source)
+    loaded, shardings = _pretrained(config)
+    vit = {k for k in hf_folder.flat_paths(shardings['params'])
+           if k.startswith('vision/') and not k.startswith(('vision/connector_',
+                                                             'vision/mask_token'))}
+    assert set(loaded) == vit
+    results.append(loaded)
+  last = e.num_layers - 1  # SigLIP's next layer is dropped
+  q = ref.encoder.layers[last].self_attn.q_proj.weight.detach().numpy()
+  table = ref.embeddings.position_embedding.weight.detach().numpy()
+  for loaded in results:
+    np.testing.assert_array_equal(np.asarray(loaded['vision/blocks/attn/q_proj/kernel'][last]),
+                                  q.T)
+    np.testing.assert_array_equal(np.asarray(loaded['vision/pos_embed']), table)
+  for k in results[0]:
+    np.testing.assert_array_equal(np.asarray(results[0][k]), np.asarray(results[1][k]))
+
+
+def test_siglip2_conversion_of_a_bad_folder_writes_nothing(tmp_path):
+  from tuna2_jax.convert import siglip2
+  (tmp_path / 'hf').mkdir()
+  (tmp_path / 'hf' / 'config.json').write_text('{"model_type": "siglip2_vision_model"}')
+  with pytest.raises(FileNotFoundError, match='no \\*.safetensors'):
+    siglip2.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
+  (tmp_path / 'hf' / 'config.json').unlink()
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    siglip2.convert(str(tmp_path / 'hf'), str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_pretrained_decoder_brings_its_tokenizer_or_the_run_is_refused(tmp_path):
+  """data.tokenizer='' with init.decoder_from: that folder's tokenizer.json (a converted
+  checkpoint carries a copy), never the shipped 128-piece model."""
+  from test_convert_qwen2 import save_tiny_qwen2
+  from test_tokenizers import _qwen_like
+  config = load_experiment('shapes', 'runlocal=True')
+  save_tiny_qwen2(tmp_path / 'hf', vocab_size=512)  # more rows than the tokenizer's ~400 ids
+  config.init.decoder_from = str(tmp_path / 'hf')
+  with pytest.raises(ValueError, match='has no tokenizer.json and data.tokenizer is empty'):
+    train.validate(config, Tokenizer.load())
+  _qwen_like(tmp_path / 'hf')
+  qwen2.convert(str(tmp_path / 'hf'), str(tmp_path / 'converted'))
+  toks = []
+  for source in ('hf', 'converted'):
+    config.init.decoder_from = str(tmp_path / source)
+    assert config_lib.tokenizer_path(config) == str(tmp_path / source)
+    toks.append(Tokenizer.load(config_lib.tokenizer_path(config)))
+  assert toks[0].pieces() == toks[1].pieces()
+  assert toks[1].img_id > toks[1].bos_id >= 512  # appended after the model's embedding rows
+  stage1 = tmp_path / 'stage1'  # the next stage (init_from) keeps the tokenizer stage 1 used
+  stage1.mkdir()
+  ckpt_lib.write_config(str(stage1), config.to_json())
+  stage2 = load_experiment('shapes', 'runlocal=True')
+  stage2.init_from = str(stage1)
+  assert config_lib.tokenizer_path(stage2) == str(tmp_path / 'converted')
+  config.data.tokenizer = str(tmp_path / 'elsewhere.model')
+  assert config_lib.tokenizer_path(config) == config.data.tokenizer  # an explicit one wins
+
+
 def test_export_writes_safetensors_that_read_back_exactly(tmp_path):
   from tuna2_jax.convert import export
   rng = np.random.default_rng(0)
@@ -188,3 +265,38 @@ def test_export_writes_safetensors_that_read_back_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(folder.tensor(k.replace('/', '.'))), np.asarray(v))
   with pytest.raises(ConversionError, match='already exists'):
     export.export(params, '{}', str(tmp_path / 'out'))
+
+
+def test_export_command_line_writes_a_workdirs_parameters(stage1, tmp_path):
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  from tuna2_jax.convert import export
+  workdir, previous = stage1
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'tuna2_jax.convert.export', *args], capture_output=True, text=True,
+      cwd=REPO_ROOT, timeout=300)
+  done = run(f'--workdir={workdir}', f'--output={tmp_path / "out"}', '--use_ema=false')
+  assert done.returncode == 0, done.stderr
+  folder = hf_folder.HFFolder(str(tmp_path / 'out'))
+  want = hf_folder.flat_paths(previous['params'])
+  assert set(folder.shapes) == {k.replace('/', '.') for k in want}
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(folder.tensor(k.replace('/', '.'))), np.asarray(v))
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model']['vision'] == 'patch'
+
+  # Only the exported parameters are restored, split over the devices rather than copied.
+  params, _, step = export.restore_params(str(workdir), use_ema=False)
+  assert step == 7 and set(params) == set(want)
+  embed = params['decoder/embed/embedding']
+  assert 'fsdp' in str(embed.sharding.spec)
+  assert embed.addressable_shards[0].data.size < embed.size
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  ckpt_lib.write_config(str(empty), load_experiment('shapes', 'runlocal=True').to_json())
+  failed = run(f'--workdir={empty}', f'--output={tmp_path / "out2"}')
+  last = failed.stderr.strip().splitlines()[-1]  # after orbax's log lines
+  assert failed.returncode == 2 and last.startswith('error: --workdir=') and 'no checkpoint' in last
+  assert 'Traceback' not in failed.stderr
+  assert not (tmp_path / 'out2').exists()

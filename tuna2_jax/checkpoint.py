@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 CHECKPOINTS_DIR = 'checkpoints'
@@ -241,7 +242,13 @@ class Checkpointer:
 
 
 def write_config(workdir: str, config_json: str) -> str:
-  """Writes `workdir/config.json` atomically (temp file + rename); returns its path."""
+  """Writes `workdir/config.json` atomically (temp file + rename; an object store's single
+  write is atomic itself); returns its path."""
+  if '://' in workdir:
+    path = epath.Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_json)
+    return os.fspath(path)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f'.{CONFIG_FILE}.', suffix='.tmp')
@@ -258,9 +265,6 @@ def write_config(workdir: str, config_json: str) -> str:
 
 
 def read_config(workdir: str) -> str | None:
-  """The text of `workdir/config.json`, or None for a workdir without one."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return f.read()
+  """The text of `workdir/config.json` (a local path or a URL), or None when it has none."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  return path.read_text() if path.exists() else None

@@ -7,6 +7,7 @@ a config, never in model code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -22,6 +23,34 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  """The tokenizer a run uses: data.tokenizer when set; else, when the decoder starts from
+  pretrained weights (init.decoder_from), that folder if it holds a tokenizer.json (a Hugging Face
+  folder, or `convert.qwen2`'s output, which copies it); else, for a run that starts from a
+  previous stage (init_from), the tokenizer that stage used; else '' (the shipped shapes model).
+
+  Raises ValueError for init.decoder_from without a tokenizer.json and no data.tokenizer: the
+  shipped 128-piece model would feed the pretrained decoder ids it was never trained on.
+  """
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  source = (config.get('init') or {}).get('decoder_from')
+  if source:
+    from etils import epath
+    from tuna2_jax.data.tokenizer import HF_TOKENIZER_FILE
+    if (epath.Path(source) / HF_TOKENIZER_FILE).exists():
+      return source
+    raise ValueError(f'init.decoder_from={source!r} has no {HF_TOKENIZER_FILE} and '
+                     'data.tokenizer is empty: set --config.data.tokenizer to the pretrained '
+                     'model\'s tokenizer (its Hugging Face folder or tokenizer.json)')
+  if config.get('init_from'):
+    from tuna2_jax import checkpoint
+    previous = checkpoint.read_config(config.init_from)
+    if previous is not None:
+      return tokenizer_path(ml_collections.ConfigDict(json.loads(previous)))
+  return ''
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -59,7 +88,11 @@ def flow_head(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, rope_split
 
 def vision_encoder(width, num_layers, num_heads, mlp_dim, max_grid, *,
                    norm_eps=1e-6) -> ml_collections.ConfigDict:
-  """A SigLIP-style ViT (Tuna-R's representation encoder)."""
+  """A SigLIP-style ViT (Tuna-R's representation encoder).
+
+  max_grid: the side of its learned square position table, which each image's patch grid gets
+  a bilinear resize of (as in SigLIP 2; So400M/16's table is 16 x 16).
+  """
   return ml_collections.ConfigDict(dict(width=width, num_layers=num_layers, num_heads=num_heads,
                                         mlp_dim=mlp_dim, max_grid=max_grid, norm_eps=norm_eps))
 
@@ -72,20 +105,22 @@ def qwen2_5_1_5b() -> ml_collections.ConfigDict:
   return decoder(28, 1536, 12, 2, 128, 8960, tie_embeddings=True)
 
 
-def siglip2_so400m_16(max_grid: int = 64) -> ml_collections.ConfigDict:
-  """So400M/16 with its 27th layer dropped (26 used) as the paper does."""
+def siglip2_so400m_16(max_grid: int = 32) -> ml_collections.ConfigDict:
+  """So400M/16 with its 27th layer dropped (26 used) as the paper does; max_grid 32 is the
+  position table of the 512 px checkpoint."""
   return vision_encoder(1152, 26, 16, 4304, max_grid)
 
 
 def shapes_model(vision: str = 'patch') -> ml_collections.ConfigDict:
   """The CPU-sized shapes model (experiments/shapes.py, siglip_shapes.py, ablations/).
 
-  48 x 48 images with 16 px patches put each cell of the 3 x 3 scene grid in one patch token.
+  48 x 48 images with 16 px patches put each cell of the 3 x 3 scene grid in one patch token;
+  Tuna-R's position table is 3 x 3 too, so at 48 px it is used as it is (no resize).
   """
   return model(vision, patch_size=16, vocab_size=128,
                dec=decoder(3, 128, 4, 2, 32, 384, rope_theta=1e4),
                head=flow_head(2, 4, 2, 32, 384, rope_split=(8, 12, 12)),
-               encoder=vision_encoder(96, 2, 4, 256, max_grid=8))
+               encoder=vision_encoder(96, 2, 4, 256, max_grid=3))
 
 
 def model(vision: str, patch_size: int, vocab_size: int, dec, head,
@@ -131,7 +166,7 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Stream weights; generation (t2i + edit) : understanding (mmu) = 7 : 3 as in the paper.
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
-  c.data.tokenizer = ''  # '' = the shipped shapes SentencePiece model
+  c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
 
   c.objective = ml_collections.ConfigDict(dict(
       text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,

@@ -55,7 +55,7 @@ def _init_state(config: ml_collections.ConfigDict) -> dict:
 
 
 def _to_unit(batch: dict) -> tuple[jax.Array, jax.Array]:
-  return objectives.to_unit_range(batch['patches']), batch['patch_hw']
+  return objectives.to_unit_range(batch['patches']), batch['patch_grid']
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef, tx):

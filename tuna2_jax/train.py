@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import cli
+from tuna2_jax import config_lib
 from tuna2_jax import distributed
 from tuna2_jax import dry_run as dry_run_lib
 from tuna2_jax import evaluate as eval_lib
@@ -54,6 +55,7 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer('dry_run_devices', None, 'With --dry_run
 
 def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
   validate_model_config(config.model, config.data.image_size)
+  config_lib.tokenizer_path(config)  # raises for a pretrained decoder without its tokenizer
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
                      f'{config.model.vocab_size}')
@@ -121,7 +123,7 @@ def setup(config: ml_collections.ConfigDict, mesh):
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
   """Compiles the train step for config's mesh on abstract inputs; returns the memory report."""
-  validate(config, Tokenizer.load(config.data.tokenizer or None))
+  validate(config, Tokenizer.load(config_lib.tokenizer_path(config) or None))
   mesh = sharding.make_mesh(config.mesh)
   _, abstract, shardings, step_fn = setup(config, mesh)
   return dry_run_lib.memory_report(step_fn, abstract, shardings,
@@ -131,7 +133,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training in workdir; returns the last logged metrics."""
   # --- config ---
-  tok = Tokenizer.load(config.data.tokenizer or None)
+  tok = Tokenizer.load(config_lib.tokenizer_path(config) or None)
   validate(config, tok)
   lead = jax.process_index() == 0
 
@@ -175,7 +177,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   peak = flops.peak_flops(jax.devices()[0].device_kind)  # None on CPUs: no MFU then
   key = jax.random.key(config.seed)
   last, tokens, step_flops, t0 = {}, 0.0, 0.0, time.perf_counter()
-  skipped = None  # records the data pipeline skipped, by reason, since this run started
+  # Records the data pipeline skipped, by reason: this process's since this run started, and
+  # the totals of the runs it resumes (kept in the checkpoints), so the logged counts add up.
+  skipped, skipped_before = None, packing.checkpointed_skipped(totals)
   for step in range(start + 1, config.total_steps + 1):
     local = next(data_iter)
     skipped = packing.pop_skipped(local, skipped)
@@ -196,7 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if peak:
         last['mfu'] = per_device / peak
       if skipped is not None:
-        last.update(packing.skipped_totals(skipped, jax.process_count()))
+        last.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
       writer.write_scalars(step, last)
       progress.update(step, {'loss': last['loss'], 'tok/s': last['tokens_per_s']})
       tokens, step_flops, t0 = 0.0, 0.0, time.perf_counter()
@@ -211,7 +215,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('wrote %s', samples)
       t0 = time.perf_counter()
     if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-      ckpt.save(step, state, data_state=data_iter.get_state(), meta=history.totals(), force=True)
+      meta = history.totals()
+      if skipped is not None:
+        meta.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
+      ckpt.save(step, state, data_state=data_iter.get_state(), meta=meta, force=True)
     if stop:
       logging.warning('preempted: saved the checkpoint of step %d; exiting', step)
       break

@@ -2,11 +2,13 @@
 straight into their target shardings.
 
 Only safetensors are read: a pickled PyTorch file (*.bin, *.pt, ...) can run code when it is
-loaded, so a folder holding only those is refused. Tensors are memory-mapped, so reading a slice
-touches only those bytes. `place` builds each target array shard by shard from such slices
-(jax.make_array_from_callback): beyond the page cache a host holds at most one device shard of
-one parameter at a time (for a stacked [L, ...] parameter: that shard of all L layers), never a
-second copy of the model. Local folders only (the files are memory-mapped).
+loaded, so a folder holding only those is refused. A local folder's tensors are memory-mapped, so
+reading a slice touches only those bytes. A cloud folder's (gs://..., any path etils.epath opens)
+are read by byte range (seek + read), one tensor at a time, each kept only while the parameter
+it belongs to is placed. `place` builds each target array shard by shard
+(jax.make_array_from_callback): beyond the page cache a host holds at most one parameter's
+local shards (and, from a cloud folder, that parameter's source tensors) at a time, never a
+second copy of the model.
 
 A conversion is a plan {target path: Mapping} checked against the folder's tensor shapes before
 any tensor is read, so a bad folder fails with one error naming the tensor and nothing written.
@@ -22,10 +24,11 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 
-_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-           'BOOL': np.bool_}
+DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+          'BOOL': np.bool_}
 PICKLED_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 _MEAN_CHUNK_ROWS = 8192  # rows summed at a time when averaging an embedding
 
@@ -87,13 +90,31 @@ def unflatten(flat: dict[str, object]) -> dict:
   return tree
 
 
+def is_local(path: str) -> bool:
+  """Whether path is on a local file system (memory-mappable), not a URL such as gs://..."""
+  return '://' not in path
+
+
+def absolute(path: str) -> str:
+  """An absolute local path (orbax needs one); URLs are left as they are."""
+  return path if not is_local(path) else os.path.abspath(path)
+
+
+def _read_range(file: str, offset: int, size: int) -> bytes:
+  with epath.Path(file).open('rb') as f:
+    f.seek(offset)
+    data = f.read(size)
+  if len(data) != size:
+    raise ConversionError(f'{file} ends after {len(data)} of the {size} bytes at offset {offset}')
+  return data
+
+
 def _read_header(path: str) -> tuple[dict, int]:
-  with open(path, 'rb') as f:
-    size = int.from_bytes(f.read(8), 'little')
-    try:
-      header = json.loads(f.read(size))
-    except ValueError as e:
-      raise ConversionError(f'{path} is not a safetensors file: {e}') from None
+  size = int.from_bytes(_read_range(path, 0, 8), 'little')
+  try:
+    header = json.loads(_read_range(path, 8, size))
+  except ValueError as e:
+    raise ConversionError(f'{path} is not a safetensors file: {e}') from None
   return header, 8 + size
 
 
@@ -101,15 +122,15 @@ class HFFolder:
   """config.json and the tensors of a folder's *.safetensors files, opened lazily."""
 
   def __init__(self, path: str):
-    if not os.path.isdir(path):
+    folder = epath.Path(path)
+    if not folder.is_dir():
       raise FileNotFoundError(f'model folder {path!r} not found (expected a directory with '
                               'config.json and *.safetensors)')
     self.path = path
-    files = sorted(os.listdir(path))
+    files = sorted(p.name for p in folder.iterdir())
     if 'config.json' not in files:
       raise FileNotFoundError(f'model folder {path!r} has no config.json')
-    with open(os.path.join(path, 'config.json')) as f:
-      self.config = json.load(f)
+    self.config = json.loads((folder / 'config.json').read_text())
     weights = [f for f in files if f.endswith('.safetensors')]
     if not weights:
       pickled = [f for f in files if f.endswith(PICKLED_SUFFIXES)]
@@ -119,25 +140,24 @@ class HFFolder:
             '*.safetensors: pickled files are refused because loading them can run arbitrary '
             'code; convert them to safetensors first')
       raise FileNotFoundError(f'model folder {path!r} has no *.safetensors files')
-    index_path = os.path.join(path, 'model.safetensors.index.json')
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f).get('weight_map', {})
-      for name, file in sorted(weight_map.items()):
+    if 'model.safetensors.index.json' in files:
+      index = json.loads((folder / 'model.safetensors.index.json').read_text())
+      for name, file in sorted(index.get('weight_map', {}).items()):
         if file not in weights:
           raise FileNotFoundError(f'model folder {path!r} lacks {file}, which the index names '
                                   f'as holding tensor {name!r}')
     self._entries: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
+    self._read: dict[str, np.ndarray] = {}
     for file in weights:
       full = os.path.join(path, file)
       header, base = _read_header(full)
       for name, info in header.items():
         if name == '__metadata__':
           continue
-        if info['dtype'] not in _DTYPES:
+        if info['dtype'] not in DTYPES:
           raise ConversionError(f'tensor {name!r} in {full} has dtype {info["dtype"]}; expected '
-                                f'one of {sorted(_DTYPES)}')
-        self._entries[name] = (full, np.dtype(_DTYPES[info['dtype']]), tuple(info['shape']),
+                                f'one of {sorted(DTYPES)}')
+        self._entries[name] = (full, np.dtype(DTYPES[info['dtype']]), tuple(info['shape']),
                                base + info['data_offsets'][0])
 
   @property
@@ -145,9 +165,19 @@ class HFFolder:
     return {name: entry[2] for name, entry in self._entries.items()}
 
   def tensor(self, name: str) -> np.ndarray:
-    """The tensor as a read-only memory map: slicing it reads only the slice."""
+    """The tensor: a read-only memory map for a local folder (slicing it reads only the slice);
+    for a cloud folder its byte range, read once and kept until `release`."""
     file, dtype, shape, offset = self._entries[name]
-    return np.memmap(file, dtype=dtype, mode='r', offset=offset, shape=shape)
+    if is_local(file):
+      return np.memmap(file, dtype=dtype, mode='r', offset=offset, shape=shape)
+    if name not in self._read:
+      data = _read_range(file, offset, int(np.prod(shape)) * dtype.itemsize)
+      self._read[name] = np.frombuffer(data, dtype).reshape(shape)
+    return self._read[name]
+
+  def release(self) -> None:
+    """Drops the tensors read from a cloud folder (load calls it after each parameter)."""
+    self._read.clear()
 
 
 def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
@@ -221,6 +251,9 @@ def load(plan: dict[str, Mapping], folder: HFFolder, abstract: dict[str, jax.Sha
                             f'{mapping.names[0]!r}; the target model expects '
                             f'{tuple(abstract[path].shape)}')
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return {path: place(reader(m, folder), abstract[path],
+  out = {}
+  for path, m in plan.items():
+    out[path] = place(reader(m, folder), abstract[path],
                       default if shardings is None else shardings[path])
-          for path, m in plan.items()}
+    folder.release()
+  return out

@@ -8,12 +8,14 @@ optimizer, EMA (= the parameters) and step 0:
                        every one of them, with equal shapes
   init.decoder_from    a Qwen2 / Qwen2.5 Hugging Face folder, or the output of
                        `python -m tuna2_jax.convert.qwen2`: the decoder
-  init.encoder_from    a SigLIP 2 Hugging Face folder, or an encoder checkpoint of our own
-                       encoder pretraining (convert/vision_ckpt.py): Tuna-R's ViT (not its
+  init.encoder_from    a SigLIP 2 (or SigLIP) Hugging Face folder, the output of
+                       `python -m tuna2_jax.convert.siglip2`, or an encoder checkpoint of our
+                       own encoder pretraining (convert/vision_ckpt.py): Tuna-R's ViT (not its
                        connector)
 
 Later sources override earlier ones; parameters no source provides keep their initialisation.
-Each array is read straight into its target sharding.
+Each array is read straight into its target sharding. Every source may be a local path or a
+cloud URL (gs://...; anything etils.epath opens).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from tuna2_jax.convert import hf_folder, qwen2, siglip2, vision_ckpt
 from tuna2_jax.convert.hf_folder import ConversionError
@@ -62,27 +65,30 @@ def _restore_params(path: str, wanted: dict[str, jax.ShapeDtypeStruct], where: s
     return hf_folder.flat_paths(ckpt.restore(path, args=args))
 
 
-def _from_workdir(workdir: str, abstract: dict, shardings: dict) -> dict:
+def workdir_params(workdir: str, abstract: dict, shardings: dict, item: str = 'params',
+                   where: str = 'init_from') -> tuple[dict[str, jax.Array], int]:
+  """({parameter path: array}, step) of `item` ('params' or 'ema') of a training workdir's latest
+  checkpoint, each array read straight into its sharding; nothing else of the state is read."""
   from tuna2_jax import checkpoint as ckpt_lib
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'init_from={workdir!r}: no such training workdir')
+  if not epath.Path(workdir).is_dir():
+    raise FileNotFoundError(f'{where}={workdir!r}: no such training workdir')
   with ckpt_lib.Checkpointer(workdir, keep=1, save_every=1, async_save=False) as ckpt:
     step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f'init_from={workdir!r}: no checkpoint under '
+    raise FileNotFoundError(f'{where}={workdir!r}: no checkpoint under '
                             f'{os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)}')
-  wanted = {f'params/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+  wanted = {f'{item}/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
             for k, v in abstract.items()}
   # orbax reads metadata only through absolute paths (a relative one looks empty).
-  path = os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
-  restored = _restore_params(path, wanted, f'init_from={workdir!r} step {step}', partial=True)
-  return _sub(restored, 'params/')
+  path = os.path.join(hf_folder.absolute(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
+  restored = _restore_params(path, wanted, f'{where}={workdir!r} step {step}', partial=True)
+  return _sub(restored, f'{item}/'), step
 
 
 def _decoder(path: str, config, abstract: dict, shardings: dict) -> dict:
-  if os.path.exists(os.path.join(path, qwen2.DECODER_CONFIG_FILE)):
-    with open(os.path.join(path, qwen2.DECODER_CONFIG_FILE)) as f:
-      stored = ml_collections.ConfigDict(json.load(f)['decoder'])
+  stored_config = epath.Path(path) / qwen2.DECODER_CONFIG_FILE
+  if stored_config.exists():
+    stored = ml_collections.ConfigDict(json.loads(stored_config.read_text())['decoder'])
     where = f'init.decoder_from={path!r}'
     for key in stored:
       if stored[key] != config.model.decoder[key]:
@@ -90,7 +96,7 @@ def _decoder(path: str, config, abstract: dict, shardings: dict) -> dict:
                               f'model.decoder.{key}={config.model.decoder[key]}')
     wanted = {f'decoder/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
               for k, v in abstract.items()}
-    return _sub(_restore_params(os.path.join(os.path.abspath(path), qwen2.PARAMS_DIR), wanted,
+    return _sub(_restore_params(os.path.join(hf_folder.absolute(path), qwen2.PARAMS_DIR), wanted,
                                 where, partial=False), 'decoder/')
   return qwen2.load(path, abstract, shardings, target=config.model.decoder)
 
@@ -102,7 +108,7 @@ def _encoder(path: str, config, abstract: dict, shardings: dict) -> dict:
   vision_ckpt.check_compatible(path, config.model.encoder, config.model.patch_size)
   wanted = {f'vision/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
             for k, v in abstract.items() if vision_ckpt.pretrained(k)}
-  return _sub(_restore_params(os.path.join(os.path.abspath(path), vision_ckpt.PARAMS_DIR),
+  return _sub(_restore_params(os.path.join(hf_folder.absolute(path), vision_ckpt.PARAMS_DIR),
                               wanted, f'init.encoder_from={path!r}', partial=False), 'vision/')
 
 
@@ -113,7 +119,7 @@ def pretrained_params(config: ml_collections.ConfigDict, abstract_params,
   shardings = hf_folder.flat_paths(param_shardings)
   loaded = {}
   if config.get('init_from'):
-    loaded.update(_from_workdir(config.init_from, abstract, shardings))
+    loaded.update(workdir_params(config.init_from, abstract, shardings)[0])
   init = config.get('init') or ml_collections.ConfigDict()
   if init.get('decoder_from'):
     part = _decoder(init.decoder_from, config, _sub(abstract, 'decoder/'),

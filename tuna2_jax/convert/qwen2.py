@@ -4,6 +4,9 @@ r"""Qwen2 / Qwen2.5 checkpoints (a Hugging Face folder) -> the decoder's paramet
 
 writes CKPT/params (an orbax checkpoint of {'decoder': ...}) and CKPT/decoder_config.json; a
 training config starts from it (or straight from DIR) with --config.init.decoder_from=CKPT.
+DIR's tokenizer.json is copied along (with tokenizer_config.json and config.json, which fix its
+special tokens' ids), so that a run with an empty data.tokenizer uses it from CKPT as it would
+from DIR (config_lib.tokenizer_path).
 
 Every tensor has one place: q/k/v (with bias, GQA), o, the SwiGLU MLP, both RMSNorms, the final
 norm, the embedding and, when untied, the LM head; per-layer tensors fill the stacked [L, ...]
@@ -19,6 +22,7 @@ import os
 import jax
 import ml_collections
 from absl import flags
+from etils import epath
 from flax import nnx
 
 from tuna2_jax import config_lib
@@ -28,6 +32,8 @@ from tuna2_jax.convert.hf_folder import ConversionError, Mapping
 ARCHITECTURES = ('Qwen2ForCausalLM',)
 DECODER_CONFIG_FILE = 'decoder_config.json'
 PARAMS_DIR = 'params'
+# Copied from the Hugging Face folder when it has a tokenizer.json: HFTokenizer reads all three.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'config.json')
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 # Our decoder keys and the config.json keys they must equal.
 _SAME = (('width', 'hidden_size'), ('num_layers', 'num_hidden_layers'),
@@ -171,6 +177,11 @@ def convert(hf_dir: str, output: str, vocab_size: int = 0) -> str:
     ckpt.save(os.path.join(os.path.abspath(output), PARAMS_DIR), {'decoder': tree})
   with open(os.path.join(output, DECODER_CONFIG_FILE), 'w') as f:
     json.dump({'decoder': cfg.to_dict(), 'vocab_size': vocab_size, 'source': hf_dir}, f, indent=2)
+  source = epath.Path(hf_dir)
+  if (source / TOKENIZER_FILES[0]).exists():
+    for name in TOKENIZER_FILES:
+      if (source / name).exists():
+        (source / name).copy(epath.Path(output) / name)
   return output
 
 

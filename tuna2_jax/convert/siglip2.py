@@ -1,29 +1,43 @@
-"""SigLIP 2 vision towers (a Hugging Face folder) -> Tuna-R's vision encoder.
+r"""SigLIP 2 (and fixed-resolution SigLIP) vision towers (a Hugging Face folder) -> Tuna-R's
+vision encoder.
 
-Reads a Siglip2VisionModel folder or a full SigLIP 2 (vision + text) folder, whose vision
-tensors carry a 'vision_model.' prefix; only the vision tower's tensors are used. As the paper does, the encoder keeps the first
-model.encoder.num_layers layers (26 of So400M's 27) and drops the last one, the post-LayerNorm
-and the pooling head. SigLIP 2 resizes its square position table (bilinear, antialiased) to each
-image's patch grid; our encoder holds one max_grid x max_grid table indexed by (row, col), so the
-table is resized once, here, to that grid: features then match SigLIP 2's exactly for images of
-max_grid x max_grid patches, while smaller grids read the table's top-left corner. The
-connector and the mask token are not part of SigLIP 2 and keep their initialisation.
+  python -m tuna2_jax.convert.siglip2 --hf_dir=DIR --output=CKPT [--max_grid=N]
+
+writes the encoder checkpoint of convert/vision_ckpt.py (CKPT/params, CKPT/encoder_config.json);
+a Tuna-R config starts from it (or straight from DIR) with --config.init.encoder_from=CKPT.
+
+Reads a NaFlex Siglip2VisionModel folder, a fixed-resolution SiglipVisionModel folder (a Conv2d
+patch embedding and image_size instead of num_patches), or a full (vision + text) model of
+either, whose vision tensors carry a 'vision_model.' prefix; only the vision tower's tensors are
+used. As the paper does, the encoder keeps the first model.encoder.num_layers layers (26 of
+So400M's 27) and drops the last one, the post-LayerNorm and the pooling head.
+
+Positions: SigLIP 2 resizes its square n x n table (bilinear, antialiased) to each image's patch
+grid, and so does our encoder (models/vision_encoder.py) from its max_grid x max_grid table.
+With max_grid = n (the default of the command line; So400M/16: n = 16) the table is copied as it
+is and features equal SigLIP 2's at every grid. Another max_grid resizes the table once here, so
+each image's positions are then resized twice (close to SigLIP 2's, not equal). The connector and
+the mask token are not part of SigLIP and keep their initialisation.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
+from flax import nnx
 
 from tuna2_jax import config_lib
-from tuna2_jax.convert import hf_folder
+from tuna2_jax.convert import hf_folder, vision_ckpt
 from tuna2_jax.convert.hf_folder import ConversionError, Mapping
 
-MODEL_TYPES = ('siglip2', 'siglip2_vision_model')
+MODEL_TYPES = ('siglip2', 'siglip2_vision_model', 'siglip', 'siglip_vision_model')
+_FULL_MODELS = ('siglip2', 'siglip')  # vision + text: the tower's config is 'vision_config'
 PREFIX = 'vision_model.'
 _ACT = 'gelu_pytorch_tanh'  # the tanh GELU our encoder uses
 _SAME = (('width', 'hidden_size'), ('num_heads', 'num_attention_heads'),
@@ -31,12 +45,14 @@ _SAME = (('width', 'hidden_size'), ('num_heads', 'num_attention_heads'),
 
 
 def vision_config(hf: dict, where: str) -> dict:
-  """The vision part of a SigLIP 2 config.json; raises on an unknown model type."""
+  """The vision part of a SigLIP (2) config.json, with num_patches; raises on an unknown type."""
   kind = hf.get('model_type')
   if kind not in MODEL_TYPES:
     raise ConversionError(f'{where}: config.json model_type={kind!r} (architectures='
                           f'{hf.get("architectures")}); expected one of {MODEL_TYPES}')
-  vision = hf.get('vision_config', {}) if kind == 'siglip2' else hf
+  vision = dict(hf.get('vision_config', {}) if kind in _FULL_MODELS else hf)
+  if 'num_patches' not in vision and 'image_size' in vision and 'patch_size' in vision:
+    vision['num_patches'] = (vision['image_size'] // vision['patch_size']) ** 2  # fixed size
   for key in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
               'patch_size', 'num_patches'):
     if key not in vision:
@@ -49,8 +65,12 @@ def vision_config(hf: dict, where: str) -> dict:
 
 def encoder_config(hf: dict, max_grid: int, where: str = 'config.json',
                    drop_last: int = 1) -> ml_collections.ConfigDict:
-  """Our encoder config for a SigLIP 2 config.json, keeping all but the last drop_last layers."""
+  """Our encoder config for a SigLIP (2) config.json, keeping all but the last drop_last layers.
+
+  max_grid: the side of the encoder's square position table; 0 keeps the checkpoint's.
+  """
   v = vision_config(hf, where)
+  max_grid = max_grid or math.isqrt(v['num_patches'])
   return config_lib.vision_encoder(
       v['hidden_size'], v['num_hidden_layers'] - drop_last, v['num_attention_heads'],
       v['intermediate_size'], max_grid, norm_eps=float(v.get('layer_norm_eps', 1e-6)))
@@ -108,8 +128,11 @@ def plan(num_layers: int, prefix: str = PREFIX) -> dict[str, Mapping]:
 
 
 def resize_positions(table_NW: np.ndarray, grid: int) -> np.ndarray:
-  """A square (n x n) position table resized to grid x grid, as SigLIP 2 resizes it per image."""
+  """A square (n x n) position table resized to grid x grid, as SigLIP 2 resizes it per image;
+  returned unchanged when grid == n."""
   n = math.isqrt(table_NW.shape[0])
+  if grid == n:
+    return np.asarray(table_NW, np.float32)
   square = jnp.asarray(np.asarray(table_NW, np.float32).reshape(n, n, -1))
   resized = jax.image.resize(square, (grid, grid, square.shape[-1]), 'linear', antialias=True)
   return np.asarray(resized).reshape(grid * grid, -1)
@@ -153,3 +176,42 @@ def load(hf_dir: str, abstract: dict[str, jax.ShapeDtypeStruct],
     out[path] = hf_folder.place(lambda index, value=value: value[index], abstract[path],
                                 sharding_of(path))
   return out
+
+
+def abstract_encoder(cfg: ml_collections.ConfigDict, patch_size: int) -> dict:
+  """{parameter path: ShapeDtypeStruct} of a standalone float32 ViT (no connector)."""
+  from tuna2_jax.models.vision_encoder import VisionEncoder
+  with nnx.use_eager_sharding(False):  # logical axes as metadata, as train_state keeps them
+    model = nnx.eval_shape(lambda: VisionEncoder(cfg, patch_size=patch_size, out_width=None,
+                                                 impl='dense', remat='none', rngs=nnx.Rngs(0)))
+  return hf_folder.flat_paths(nnx.state(model, nnx.Param))
+
+
+def convert(hf_dir: str, output: str, max_grid: int = 0) -> str:
+  """Writes the encoder checkpoint of vision_ckpt.py to output; returns output.
+
+  max_grid: the side of the encoder's position table; 0 keeps the checkpoint's (exact).
+  """
+  folder = hf_folder.HFFolder(hf_dir)
+  if os.path.exists(output):
+    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+  cfg = encoder_config(folder.config, max_grid, hf_dir)
+  patch_size = vision_config(folder.config, hf_dir)['patch_size']
+  params = load(hf_dir, abstract_encoder(cfg, patch_size), patch_size=patch_size, target=cfg)
+  return vision_ckpt.save(output, params, cfg, patch_size, source=hf_dir)
+
+
+def main(argv):
+  del argv
+  out = convert(flags.FLAGS.hf_dir, flags.FLAGS.output, flags.FLAGS.max_grid)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  from tuna2_jax import cli
+  flags.DEFINE_string('hf_dir', None, 'Hugging Face folder: config.json + *.safetensors.',
+                      required=True)
+  flags.DEFINE_string('output', None, 'Directory to write (must not exist).', required=True)
+  flags.DEFINE_integer('max_grid', 0, 'Side of the encoder\'s square position table (the '
+                       'config\'s model.encoder.max_grid); 0 keeps the checkpoint\'s.')
+  cli.run(main)

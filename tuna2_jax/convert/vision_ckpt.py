@@ -3,9 +3,10 @@
   DIR/params               orbax checkpoint of {'vision': the ViT's parameters}
   DIR/encoder_config.json  {'encoder': model.encoder, 'patch_size': p, 'source': ...}
 
-A Tuna-R config starts from one with --config.init.encoder_from=DIR (convert/init_from.py), as
-it does from a SigLIP 2 Hugging Face folder: the ViT is loaded, the connector and the mask token
-keep their initialisation.
+Also what `python -m tuna2_jax.convert.siglip2` writes from a SigLIP 2 Hugging Face folder. A
+Tuna-R config starts from one with --config.init.encoder_from=DIR (convert/init_from.py), as it
+does from the Hugging Face folder itself: the ViT is loaded, the connector and the mask token keep
+their initialisation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 
 import ml_collections
+from etils import epath
 
 from tuna2_jax.convert import hf_folder
 from tuna2_jax.convert.hf_folder import ConversionError
@@ -25,7 +27,7 @@ NOT_PRETRAINED = ('connector_', 'mask_token')
 
 
 def is_checkpoint(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, ENCODER_CONFIG_FILE))
+  return (epath.Path(path) / ENCODER_CONFIG_FILE).exists()
 
 
 def pretrained(name: str) -> bool:
@@ -52,8 +54,7 @@ def save(output: str, vision_params, encoder: ml_collections.ConfigDict, patch_s
 
 def check_compatible(path: str, target: ml_collections.ConfigDict, patch_size: int) -> None:
   """Raises ConversionError naming the first key where the checkpoint and the model differ."""
-  with open(os.path.join(path, ENCODER_CONFIG_FILE)) as f:
-    stored = json.load(f)
+  stored = json.loads((epath.Path(path) / ENCODER_CONFIG_FILE).read_text())
   where = f'init.encoder_from={path!r}'
   if stored['patch_size'] != patch_size:
     raise ConversionError(f'{where}: patch_size={stored["patch_size"]} but the target '

@@ -1,8 +1,11 @@
 """Image decoding onto aspect-ratio buckets: encoded bytes -> uint8 [H, W, 3] of a bucket.
 
 The bucket is the one whose aspect ratio is nearest (in log space) to the image's; the image
-is bicubically resized to cover it and centre-cropped. The crop is done as the resize's source
-box, so only the kept region is resampled. JPEGs are first decoded at a reduced DCT scale
+is bicubically resized to cover it and centre-cropped. The crop is done first (as the resize's
+source box), so only the kept region is resampled. Two resamplers (`data.resize`): 'opencv',
+OpenCV's bicubic (about 3x faster than Pillow's; no antialiasing, which matters little when the
+image shrinks by less than 2x, as most photos onto 512-class buckets do: mean difference from
+Pillow's 1.2 / 255 on the benchmark's photos), and 'pillow', Pillow's antialiased bicubic. JPEGs are first decoded at a reduced DCT scale
 (`draft`) whenever that still leaves at least the bucket's size, which makes large JPEGs cheap.
 Pixels stay uint8 here; the device scales them to [-1, 1] (objectives.to_unit_range).
 """
@@ -19,6 +22,25 @@ from PIL import Image
 from tuna2_jax.data.records import Fault
 
 Bucket = tuple[int, int]  # (height, width)
+RESAMPLERS = ('opencv', 'pillow')
+
+
+def check_resampler(name: str) -> None:
+  """Raises for an unknown resampler, or 'opencv' without OpenCV installed."""
+  if name not in RESAMPLERS:
+    raise ValueError(f'data.resize={name!r}: expected one of {RESAMPLERS}')
+  if name == 'opencv':
+    try:
+      _cv2()
+    except ImportError as e:
+      raise ValueError(f'data.resize=opencv needs OpenCV ({e}): pip install '
+                       'opencv-python-headless, or set --config.data.resize=pillow') from None
+
+
+def _cv2():
+  import cv2
+  cv2.setNumThreads(1)  # the loader's threads and workers are the parallelism
+  return cv2
 
 
 def check_buckets(buckets: Sequence[Sequence[int]], patch_size: int) -> tuple[Bucket, ...]:
@@ -47,7 +69,8 @@ def crop_box(height: int, width: int, bucket: Bucket) -> tuple[float, float, flo
   return (left, top, left + cw, top + ch)
 
 
-def to_bucket(image: Image.Image, buckets: Sequence[Bucket]) -> np.ndarray:
+def to_bucket(image: Image.Image, buckets: Sequence[Bucket],
+              resampler: str = 'pillow') -> np.ndarray:
   """A PIL image -> uint8 [bh, bw, 3] on its nearest bucket."""
   bh, bw = choose_bucket(image.height, image.width, buckets)
   if image.format == 'JPEG':
@@ -57,17 +80,22 @@ def to_bucket(image: Image.Image, buckets: Sequence[Bucket]) -> np.ndarray:
   if image.mode != 'RGB':
     image = image.convert('RGB')
   box = crop_box(image.height, image.width, (bh, bw))
+  if resampler == 'opencv':
+    left, top, right, bottom = (int(round(v)) for v in box)
+    pixels = np.asarray(image, np.uint8)[top:bottom, left:right]
+    return _cv2().resize(pixels, (bw, bh), interpolation=_cv2().INTER_CUBIC)
   # reducing_gap: a large non-JPEG source is first box-reduced by an integer factor while still
   # >= 3x the output (indistinguishable from a full bicubic pass, far cheaper).
   out = image.resize((bw, bh), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
   return np.asarray(out, np.uint8)
 
 
-def decode_to_bucket(data: bytes, buckets: Sequence[Bucket], what: str = 'image') -> np.ndarray:
+def decode_to_bucket(data: bytes, buckets: Sequence[Bucket], what: str = 'image',
+                     resampler: str = 'pillow') -> np.ndarray:
   """Encoded image bytes -> uint8 [bh, bw, 3]; Fault('bad_image') when they do not decode."""
   try:
     with Image.open(io.BytesIO(data)) as image:
-      return to_bucket(image, buckets)
+      return to_bucket(image, buckets, resampler)
   except Exception as e:  # pylint: disable=broad-except  # a corrupt file raises anything
     raise Fault('bad_image', f'{what} does not decode ({type(e).__name__}: {e})') from None
 

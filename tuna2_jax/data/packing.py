@@ -154,10 +154,22 @@ def pop_skipped(batch: dict, totals: dict | None) -> dict | None:
   return totals
 
 
-def skipped_totals(totals: dict, process_count: int = 1) -> dict:
-  """The counts summed over all processes (every process must call this at the same step)."""
+def skipped_totals(totals: dict, process_count: int = 1, before: dict | None = None) -> dict:
+  """The counts summed over all processes, plus `before` (every process must call this at the
+  same step).
+
+  `before` holds the totals of the runs a resumed run continues (checkpointed_skipped), so that
+  the counters in metrics.jsonl count from the start of training, not from the last restart.
+  """
   counts = np.asarray([totals[k] for k in SKIPPED_KEYS], np.int64)
   if process_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
-  return {k: float(c) for k, c in zip(SKIPPED_KEYS, counts)}
+  before = before or {}
+  return {k: float(c) + float(before.get(k, 0.0)) for k, c in zip(SKIPPED_KEYS, counts)}
+
+
+def checkpointed_skipped(meta: dict) -> dict:
+  """The skipped-record totals a checkpoint's meta holds (none in checkpoints from before they
+  were saved, which count from zero)."""
+  return {k: float(meta[k]) for k in SKIPPED_KEYS if k in meta}

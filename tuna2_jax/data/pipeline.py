@@ -115,6 +115,8 @@ class SampleMaker:
   caption_dropout: float
   seed: int
   stream: int
+  fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
+                                                  compare=False, repr=False)
 
   def __call__(self, index: int, item) -> dict:
     rng = np.random.default_rng([self.seed, self.stream, index, 1])  # apart from the loader's
@@ -127,7 +129,7 @@ class SampleMaker:
         raise records.Fault('too_long', f'{len(s["tokens"])} tokens > seq_len={self.seq_len}')
       return s
     except records.Fault as fault:
-      logging.warning('skipped record %s: %s', where, fault)
+      self.fault_log(where, fault)
       return packing.fault_marker(fault.reason)
 
 
@@ -143,20 +145,28 @@ def active_streams(config: ml_collections.ConfigDict) -> list[tuple[str, str, fl
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
-  """Fails fast (before any model state exists) on a missing source or a bad bucket."""
+  """Fails fast (before any model state exists) on a data config that cannot train.
+
+  Raises for a bad bucket or resampler, a source that does not exist, an ArrayRecord folder
+  converted for another task, a TFDS dataset or split TFDS does not know, a configured image
+  root that is not a folder, or no stream with both a source and a positive weight; warns about
+  a stream with a positive weight but no source (it is left out, the others share its weight).
+  """
   if config.data.name == 'shapes':
     return
   if config.data.name != 'mixture':
     raise ValueError(f'data.name={config.data.name!r}: expected "shapes" or "mixture"')
-  buckets = images_lib.check_buckets(config.data.buckets, config.model.patch_size)
-  if config.model.vision == 'encoder':
-    grid = max(max(b) for b in buckets) // config.model.patch_size
-    if grid > config.model.encoder.max_grid:
-      raise ValueError(f'bucket grid {grid} exceeds model.encoder.max_grid='
-                       f'{config.model.encoder.max_grid}')
-  for task, spec, _ in active_streams(config):
+  images_lib.check_buckets(config.data.buckets, config.model.patch_size)
+  images_lib.check_resampler(config.data.resize)
+  streams = active_streams(config)
+  for task, weight in config.data.weights.items():
+    if weight > 0 and not config.data[task]:
+      logging.warning('data.weights.%s=%s but data.%s is empty: the %s stream is left out and '
+                      '%s share its weight', task, weight, task, task,
+                      ', '.join(t for t, _, _ in streams))
+  for task, spec, _ in streams:
     if spec != SHAPES_SPEC:
-      sources.stream_kind(spec, task)  # raises for a path that does not exist
+      sources.check_stream(task, spec, config.data.image_root[task])
 
 
 def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
@@ -168,7 +178,7 @@ def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok:
     loader = _ShapesLoader(task, data, config.seed)
   else:
     items = sources.open_stream(task, spec, data.tfds_fields[task])
-    loader = sources.stream_loader(task, spec, data.image_root[task], data.buckets)
+    loader = sources.stream_loader(task, spec, data.image_root[task], data.buckets, data.resize)
   total = len(items)
   items = items[process_index::process_count]
   if len(items) == 0:
@@ -184,7 +194,6 @@ def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok:
 def mixed_samples(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
   """The weighted mixture of the streams: samples and fault markers, endless."""
-  check_data(config)
   streams = active_streams(config)
   datasets = [stream_dataset(config, task, spec, tok, process_index=process_index,
                              process_count=process_count) for task, spec, _ in streams]
@@ -243,17 +252,19 @@ def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
 
 def caption_example(image_HW3: np.ndarray, text: str, tok: Tokenizer, *, patch_size: int,
                     max_len: int) -> dict:
-  """One image with its caption: patches [N, p*p*3] uint8, patch_hw [N, 2], tokens [L], valid."""
+  """One image with its caption: patches [N, p*p*3] uint8, patch_grid [N, 4] (row, col, grid
+  rows, grid cols), tokens [L], valid."""
   ids = tok.encode(text)
   if len(ids) > max_len:
     raise ValueError(f'caption {text!r} has {len(ids)} tokens, more than the text tower\'s '
                      f'max_len={max_len}')
-  gw = image_HW3.shape[1] // patch_size
+  gh, gw = image_HW3.shape[0] // patch_size, image_HW3.shape[1] // patch_size
   patches = seq.patchify(image_HW3, patch_size)
   n = np.arange(len(patches))
   tokens = np.full(max_len, tok.pad_id, np.int32)
   tokens[:len(ids)] = ids
-  return {'patches': patches, 'patch_hw': np.stack([n // gw, n % gw], -1).astype(np.int32),
+  grid = np.stack([n // gw, n % gw, np.full_like(n, gh), np.full_like(n, gw)], -1)
+  return {'patches': patches, 'patch_grid': grid.astype(np.int32),
           'tokens': tokens, 'valid': np.arange(max_len) < len(ids)}
 
 

@@ -6,7 +6,7 @@ Record formats (ARCHITECTURE.md; image paths relative to an image root):
   edit  {"raw_image", "out_image", "instruction"}
   text  {"conversations": [...]}
 A record that cannot be used raises `Fault` with one of FAULT_REASONS; the pipeline counts,
-logs and skips it, so one bad line never stops a run.
+logs (`FaultLog`, rate-limited) and skips it, so one bad line never stops a run.
 
 ArrayRecord records (written by data/convert.py) keep the encoded image bytes as they were:
   uint32 little-endian header length | JSON header | image bytes, in the header's order
@@ -16,9 +16,13 @@ with header = {"task", "fields": the record's text fields, "images": [[key, nbyt
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
+import threading
+
+from absl import logging
 
 TASKS = ('t2i', 'mmu', 'edit', 'text')
 IMAGE_KEYS = {'t2i': ('image',), 'mmu': ('image',), 'edit': ('raw_image', 'out_image'),
@@ -43,6 +47,45 @@ class Fault(Exception):
     super().__init__(f'{reason}: {detail}')
     self.reason = reason
     self.detail = detail
+
+
+class FaultLog:
+  """Logs skipped records with their location and reason, rate-limited per reason.
+
+  The first `first` records of each reason are logged, then every `every`-th with its running
+  count, so a source with millions of bad records cannot flood the log. The counters in
+  metrics.jsonl stay exact: they come from the pipeline's fault markers, not from this log.
+  Counts are per process (each worker unpickles a fresh log); the loader threads share one.
+  """
+
+  def __init__(self, first: int = 10, every: int = 1000):
+    if first < 0 or every < 1:
+      raise ValueError(f'FaultLog(first={first}, every={every}): expected first >= 0, every >= 1')
+    self.first, self.every = first, every
+    self._counts = dict.fromkeys(FAULT_REASONS, 0)
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict:
+    return {'first': self.first, 'every': self.every}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(**state)
+
+  def __call__(self, where: str, fault: Fault) -> bool:
+    """Counts the fault and logs it if it is due; returns whether it was logged."""
+    with self._lock:
+      self._counts[fault.reason] += 1
+      n = self._counts[fault.reason]
+    if n > self.first and n % self.every:
+      return False
+    if n == self.first:
+      note = f' (the first {n} {fault.reason} records are logged, then one in {self.every})'
+    elif n > self.first:
+      note = f' ({fault.reason} record {n} of this process)'
+    else:
+      note = ''
+    logging.warning('skipped record %s: %s%s', where, fault, note)
+    return True
 
 
 def check_task(task: str) -> str:
@@ -107,11 +150,16 @@ def conversation_turns(conversations) -> list[tuple[str, str]]:
   return turns
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+  return os.path.realpath(root)  # a few lstat calls per path component: once per root
+
+
 def resolve_image(root: str, rel: str) -> str:
   """The file `rel` names under `root`; Fault('path_escape') for a path that leaves the root."""
   if isinstance(rel, bytes):
     rel = rel.decode('utf-8', 'replace')
-  root_abs = os.path.realpath(root)
+  root_abs = _real_root(root)
   path = os.path.realpath(os.path.join(root_abs, rel))
   if os.path.isabs(rel) or os.path.commonpath([root_abs, path]) != root_abs:
     raise Fault('path_escape', f'image path {rel!r} leaves the image root {root!r}')

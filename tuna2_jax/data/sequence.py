@@ -13,7 +13,7 @@ Every row is a dict of numpy arrays over T token slots:
   task       int32 [T]       TASK_IDS of the sample (0 for padding)
   patches    uint8 [T, p*p*3] the pixel block of each patch token (raster order, (row, col, ch))
   pos3       int32 [T, 3]    flow-head RoPE coordinates (t, h, w); text (p, p, p)
-  patch_hw   int32 [T, 2]    (row, col) of a patch in its image grid
+  patch_grid int32 [T, 4]    (row, col, grid rows, grid cols) of a patch in its image; 0 elsewhere
 Layouts (ARCHITECTURE.md): image span = [time][patches]; t2i = [BOS] prompt [BOI] span [EOI]
 [EOS]; understanding = [BOS] [BOI] span [EOI] question answer [EOS]; editing = [BOS] [BOI] src
 [EOI] instruction [BOI] target [EOI] [EOS]; text = [BOS] text [EOS].
@@ -28,7 +28,7 @@ import numpy as np
 
 TASK_IDS = {'t2i': 1, 'mmu': 2, 'edit': 3, 'text': 4}
 FIELDS = ('tokens', 'targets', 'loss_mask', 'segment_ids', 'positions', 'span_ids', 'is_time',
-          'is_patch', 'gen_mask', 'task', 'patches', 'pos3', 'patch_hw')
+          'is_patch', 'gen_mask', 'task', 'patches', 'pos3', 'patch_grid')
 
 
 @dataclasses.dataclass
@@ -46,13 +46,20 @@ class Image:
 Piece = Union[Text, Image]
 
 
-def patchify(image_HW3: np.ndarray, p: int) -> np.ndarray:
-  """[H, W, C] -> [(H/p)*(W/p), p*p*C], raster order over blocks, (row, col, ch) inside."""
+def patchify(image_HW3: np.ndarray, p: int, out: np.ndarray | None = None) -> np.ndarray:
+  """[H, W, C] -> [(H/p)*(W/p), p*p*C], raster order over blocks, (row, col, ch) inside.
+
+  With `out` (a C-contiguous [(H/p)*(W/p), p*p*C] array) the blocks are written into it in one
+  strided copy, without an intermediate array.
+  """
   h, w, c = image_HW3.shape
   if h % p or w % p:
     raise ValueError(f'image of {h}x{w} is not divisible by the patch size {p}')
   blocks = image_HW3.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-  return blocks.reshape((h // p) * (w // p), p * p * c)
+  if out is None:
+    return blocks.reshape((h // p) * (w // p), p * p * c)
+  out.reshape(h // p, w // p, p, p, c)[...] = blocks
+  return out
 
 
 def unpatchify(patches_NP, height: int, width: int, p: int):
@@ -82,7 +89,7 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
   gen_mask = np.zeros(length, bool)
   positions = np.arange(length, dtype=np.int32)
   pos3 = np.repeat(positions[:, None], 3, axis=1)
-  patch_hw = np.zeros((length, 2), np.int32)
+  patch_grid = np.zeros((length, 4), np.int32)
   patches = np.zeros((length, pdim), np.uint8)
   offset, span = 0, 0
   for piece, n in zip(pieces, lengths):
@@ -94,20 +101,21 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
       continue
     span += 1
     h, w, _ = piece.pixels.shape
-    gw = w // patch_size
+    gh, gw = h // patch_size, w // patch_size
     tokens[sl] = img_id
     span_ids[sl] = span
     gen_mask[sl] = piece.generate
     is_time[offset] = True
     body = slice(offset + 1, offset + n)
     is_patch[body] = True
-    patches[body] = patchify(piece.pixels, patch_size)
+    patchify(piece.pixels, patch_size, out=patches[body])
     ij = np.arange(n - 1)
-    patch_hw[body, 0], patch_hw[body, 1] = ij // gw, ij % gw
+    patch_grid[body] = np.stack([ij // gw, ij % gw, np.full_like(ij, gh), np.full_like(ij, gw)],
+                                -1)
     start = offset + 1
     pos3[body] = start
-    pos3[body, 1] += patch_hw[body, 0]
-    pos3[body, 2] += patch_hw[body, 1]
+    pos3[body, 1] += patch_grid[body, 0]
+    pos3[body, 2] += patch_grid[body, 1]
     offset += n
   return {
       'tokens': tokens,
@@ -122,7 +130,7 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
       'task': np.full(length, TASK_IDS[task], np.int32),
       'patches': patches,
       'pos3': pos3.astype(np.int32),
-      'patch_hw': patch_hw,
+      'patch_grid': patch_grid,
   }
 
 
@@ -135,26 +143,33 @@ def empty_row(seq_len: int, patch_size: int, pad_id: int) -> dict:
   row.update({k: np.zeros(seq_len, bool) for k in ('is_time', 'is_patch', 'gen_mask')})
   row['patches'] = np.zeros((seq_len, pdim), np.uint8)
   row['pos3'] = np.zeros((seq_len, 3), np.int32)
-  row['patch_hw'] = np.zeros((seq_len, 2), np.int32)
+  row['patch_grid'] = np.zeros((seq_len, 4), np.int32)
   return row
 
 
 def pack(samples: Sequence[dict], seq_len: int, *, patch_size: int, pad_id: int) -> dict:
-  """Concatenates whole samples into one row: segments 1..n, span ids unique in the row."""
-  total = sum(len(s['tokens']) for s in samples)
+  """Concatenates whole samples into one row: segments 1..n, span ids unique in the row.
+
+  Each field is written once, samples then padding (a 16k-token row's patches are 12 MB, so
+  zero-filling the row before copying would double the packer's memory traffic).
+  """
+  lengths = [len(s['tokens']) for s in samples]
+  total = sum(lengths)
   if total > seq_len:
     raise ValueError(f'samples of {total} tokens do not fit a row of seq_len={seq_len}')
-  row = empty_row(seq_len, patch_size, pad_id)
-  offset, spans = 0, 0
-  for seg, s in enumerate(samples, start=1):
-    n = len(s['tokens'])
-    sl = slice(offset, offset + n)
-    for k in FIELDS:
-      row[k][sl] = s[k]
-    row['segment_ids'][sl] = seg
-    row['span_ids'][sl] = np.where(s['span_ids'] > 0, s['span_ids'] + spans, 0)
-    spans += int(s['span_ids'].max(initial=0))
-    offset += n
+  if not samples:
+    return empty_row(seq_len, patch_size, pad_id)
+  row = {}
+  for k in FIELDS:
+    first = samples[0][k]
+    row[k] = np.empty((seq_len, *first.shape[1:]), first.dtype)
+    np.concatenate([s[k] for s in samples], out=row[k][:total])
+    row[k][total:] = pad_id if k == 'tokens' else 0
+  row['segment_ids'][:total] = np.repeat(np.arange(1, len(samples) + 1, dtype=np.int32), lengths)
+  # Span ids continue from the previous sample's last span.
+  before = np.cumsum([0] + [int(s['span_ids'].max(initial=0)) for s in samples[:-1]])
+  span_ids = row['span_ids'][:total]
+  span_ids += np.where(span_ids > 0, np.repeat(before, lengths), 0).astype(span_ids.dtype)
   return row
 
 

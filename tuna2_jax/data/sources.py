@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import grain
@@ -65,9 +66,9 @@ class JsonlSource:
     self._starts, self._ends, self._numbers = _line_index(path)
     self._file = None
 
-  def __del__(self):
+  def __del__(self, _close=os.close):  # bound now: at interpreter exit `os` may be gone
     if getattr(self, '_file', None) is not None:
-      os.close(self._file)
+      _close(self._file)
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != '_file'} | {'_file': None}
@@ -95,18 +96,47 @@ class _Locate:
     return f'{self.name}#{index}', payload
 
 
+def tfds_name_split(spec: str) -> tuple[str, str]:
+  """'tfds:NAME[:SPLIT]' -> (NAME, SPLIT), the split 'train' when none is given."""
+  name, _, split = spec[len(TFDS_PREFIX):].partition(':')
+  return name, split or 'train'
+
+
+def _tfds_module(spec: str, task: str):
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError(f'data.{task}={spec!r} needs tensorflow-datasets: pip install '
+                      '"tuna2_jax[tfds]"') from None
+  return tfds
+
+
+def check_tfds(spec: str, task: str) -> None:
+  """Raises unless TFDS knows the dataset and, where its metadata lists splits, the split.
+
+  Reads the builder's metadata only: nothing is downloaded or prepared.
+  """
+  tfds = _tfds_module(spec, task)
+  name, split = tfds_name_split(spec)
+  try:
+    builder = tfds.builder(name)
+  except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError and relatives
+    raise ValueError(f'data.{task}={spec!r}: TFDS has no dataset {name!r} ({type(e).__name__}: '
+                     f'{e}); expected a registered name, as tfds.builder takes it') from None
+  splits = list(getattr(builder.info, 'splits', None) or ())
+  base = re.split(r'[\[+]', split)[0]  # 'train[:10%]', 'train+validation'
+  if splits and base not in splits:
+    raise ValueError(f'data.{task}={spec!r}: TFDS dataset {name!r} has no split {base!r}; '
+                     f'expected one of {sorted(splits)}')
+
+
 class TfdsRecords:
   """A tfds.data_source with its features renamed to a task's keys: i -> ('tfds:..#i', dict)."""
 
   def __init__(self, spec: str, task: str, fields: str):
-    name, _, split = spec[len(TFDS_PREFIX):].partition(':')
-    try:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ImportError(f'data.{task}={spec!r} needs tensorflow-datasets: pip install '
-                        '"tuna2_jax[tfds]"') from None
+    name, split = tfds_name_split(spec)
     self.spec = spec
-    self._source = tfds.data_source(name, split=split or 'train')
+    self._source = _tfds_module(spec, task).data_source(name, split=split)
     self._fields = dict(item.split('=', 1) for item in fields.split(',') if item)
 
   def __len__(self) -> int:
@@ -143,6 +173,33 @@ def stream_kind(spec: str, task: str) -> str:
                           f'an ArrayRecord folder or {TFDS_PREFIX}NAME[:SPLIT]')
 
 
+def check_written_for(spec: str, task: str) -> None:
+  """Raises if the ArrayRecord folder's meta.json says it was converted for another task."""
+  meta_path = os.path.join(spec, META_FILE)
+  if not os.path.isfile(meta_path):
+    return  # shards written by other tools: their records carry their task (RecordLoader checks)
+  with open(meta_path) as f:
+    written_for = json.load(f).get('task')
+  if written_for != task:
+    raise ValueError(f'data.{task}={spec!r} holds {written_for!r} records (see {meta_path}); '
+                     f'expected {task!r} records')
+
+
+def check_stream(task: str, spec: str, configured_root: str = '') -> None:
+  """Raises, before any record is read, for a source the stream could not read: a path that
+  does not exist, an ArrayRecord folder of another task, a TFDS dataset or split that TFDS
+  does not know (or no tensorflow-datasets), a configured image root that is not a folder."""
+  kind = stream_kind(spec, task)
+  if kind == 'array_record':
+    check_written_for(spec, task)
+  elif kind == 'tfds':
+    check_tfds(spec, task)
+  if configured_root and not os.path.isdir(configured_root):
+    raise FileNotFoundError(f'data.image_root.{task}={configured_root!r} is not a folder; '
+                            f'expected the folder that the image paths of data.{task} are '
+                            'relative to')
+
+
 def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset:
   """The stream's records as a MapDataset of (where, payload)."""
   kind = stream_kind(spec, task)
@@ -150,13 +207,7 @@ def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset
     return grain.MapDataset.source(JsonlSource(spec))
   if kind == 'tfds':
     return grain.MapDataset.source(TfdsRecords(spec, task, tfds_fields or TFDS_FIELDS[task]))
-  meta_path = os.path.join(spec, META_FILE)
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      written_for = json.load(f).get('task')
-    if written_for != task:
-      raise ValueError(f'data.{task}={spec!r} holds {written_for!r} records (see {meta_path}); '
-                       f'expected {task!r} records')
+  check_written_for(spec, task)
   paths = sorted(glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)))
   source = grain.sources.ArrayRecordDataSource(paths)
   return grain.MapDataset.source(source).map_with_index(_Locate(spec))
@@ -169,6 +220,7 @@ class RecordLoader:
   kind: str
   image_root: str
   buckets: tuple[tuple[int, int], ...]
+  resampler: str = 'pillow'  # images.RESAMPLERS
 
   def __call__(self, item: tuple[str, Any]) -> tuple[str, dict]:
     where, payload = item
@@ -192,8 +244,9 @@ class RecordLoader:
     if isinstance(blob, np.ndarray):  # TFDS decodes images itself
       if blob.ndim == 2:
         blob = np.repeat(blob[..., None], 3, axis=-1)
-      return images_lib.to_bucket(Image.fromarray(blob[..., :3].astype(np.uint8)), self.buckets)
-    return images_lib.decode_to_bucket(blob, self.buckets, what=key)
+      return images_lib.to_bucket(Image.fromarray(blob[..., :3].astype(np.uint8)), self.buckets,
+                                  self.resampler)
+    return images_lib.decode_to_bucket(blob, self.buckets, what=key, resampler=self.resampler)
 
 
 def _from_tfds(task: str, payload: dict) -> tuple[dict, dict]:
@@ -228,6 +281,6 @@ def image_root(spec: str, configured: str) -> str:
 
 
 def stream_loader(task: str, spec: str, configured_root: str,
-                  buckets: Sequence[tuple[int, int]]) -> RecordLoader:
+                  buckets: Sequence[tuple[int, int]], resampler: str = 'pillow') -> RecordLoader:
   return RecordLoader(task, stream_kind(spec, task), image_root(spec, configured_root),
-                      tuple(map(tuple, buckets)))
+                      tuple(map(tuple, buckets)), resampler)

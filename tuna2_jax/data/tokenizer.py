@@ -22,6 +22,7 @@ import json
 import os
 
 import sentencepiece as spm
+from etils import epath
 
 from tuna2_jax.data import shapes
 
@@ -48,7 +49,7 @@ class Tokenizer(abc.ABC):
     """'' or None: the shipped model; a .model file: SentencePiece; a tokenizer.json or a folder
     holding one: Hugging Face."""
     path = path or SHIPPED_MODEL
-    if os.path.isdir(path) or path.endswith('.json'):
+    if path.endswith('.json') or epath.Path(path).is_dir():
       return HFTokenizer.load(path)
     return SentencePieceTokenizer.load(path)
 
@@ -107,9 +108,9 @@ class SentencePieceTokenizer(Tokenizer):
   def load(cls, path: str | None = None) -> 'SentencePieceTokenizer':
     """Loads a .model file; None or '' is the shipped shapes model."""
     path = path or SHIPPED_MODEL
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f'tokenizer model {path!r} not found')
-    return cls(spm.SentencePieceProcessor(model_file=path), path)
+    return cls(spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes()), path)
 
   @property
   def vocab_size(self) -> int:
@@ -189,22 +190,19 @@ class HFTokenizer(Tokenizer):
   def load(cls, path: str) -> 'HFTokenizer':
     """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json)."""
     import tokenizers
-    folder, file = (path, os.path.join(path, HF_TOKENIZER_FILE)) if os.path.isdir(path) else (
-        os.path.dirname(path), path)
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f'tokenizer {file!r} not found')
+    given = epath.Path(path)
+    folder, file = (given, given / HF_TOKENIZER_FILE) if given.is_dir() else (given.parent, given)
+    if not file.is_file():
+      raise FileNotFoundError(f'tokenizer {os.fspath(file)!r} not found')
     special = {}
-    config_path = os.path.join(folder, 'tokenizer_config.json')
-    if os.path.isfile(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
+    if (folder / 'tokenizer_config.json').is_file():
+      config = json.loads((folder / 'tokenizer_config.json').read_text())
       special = {role: _token_name(config.get(f'{role}_token')) for role in ('bos', 'eos', 'pad')}
     rows = 0
-    model_config = os.path.join(folder, 'config.json')
-    if os.path.isfile(model_config):
-      with open(model_config) as f:
-        rows = int(json.load(f).get('vocab_size') or 0)
-    return cls(tokenizers.Tokenizer.from_file(file), first_added_id=rows, name=file, **special)
+    if (folder / 'config.json').is_file():
+      rows = int(json.loads((folder / 'config.json').read_text()).get('vocab_size') or 0)
+    return cls(tokenizers.Tokenizer.from_str(file.read_text()), first_added_id=rows,
+               name=os.fspath(file), **special)
 
   @property
   def vocab_size(self) -> int:

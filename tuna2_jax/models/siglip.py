@@ -70,12 +70,15 @@ class Siglip(nnx.Module):
     self.log_temperature = nnx.Param(jnp.full((), math.log(10.0), param_dtype))
     self.bias = nnx.Param(jnp.full((), -10.0, param_dtype))
 
-  def embed_images(self, x_BNP: jax.Array, patch_hw_BN2: jax.Array) -> jax.Array:
-    """Pixel blocks in [-1, 1], one image per row [B, N, p*p*3] -> unit embeddings [B, E]."""
+  def embed_images(self, x_BNP: jax.Array, patch_grid_BN4: jax.Array) -> jax.Array:
+    """Pixel blocks in [-1, 1], one image per row [B, N, p*p*3] -> unit embeddings [B, E].
+
+    patch_grid_BN4: (row, col, grid rows, grid cols) of each patch.
+    """
     b, n, _ = x_BNP.shape
     ones = jnp.ones((b, n), jnp.int32)
     info = attn_lib.MaskInfo(ones, jnp.broadcast_to(jnp.arange(n), (b, n)), ones)
-    h = self.vision.features(x_BNP, patch_hw_BT2=patch_hw_BN2, info=info)
+    h = self.vision.features(x_BNP, patch_grid_BT4=patch_grid_BN4, info=info)
     z = self.image_proj(self.image_norm(h.mean(axis=1)))
     return z / jnp.linalg.norm(z.astype(jnp.float32), axis=-1, keepdims=True).astype(z.dtype)
 

@@ -51,9 +51,6 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
     if image_size % cfg.patch_size:
       raise ValueError(f'image size {image_size} is not divisible by model.patch_size='
                        f'{cfg.patch_size}')
-    grid = image_size // cfg.patch_size
-    if cfg.vision == 'encoder' and grid > cfg.encoder.max_grid:
-      raise ValueError(f'image grid {grid} exceeds model.encoder.max_grid={cfg.encoder.max_grid}')
 
 
 def mask_info(batch: dict) -> MaskInfo:
@@ -92,8 +89,8 @@ class Tuna(nnx.Module):
     h_BTD = self.decoder.embed(batch['tokens'])
     patch_info = MaskInfo(batch['segment_ids'], batch['positions'],
                           jnp.where(batch['is_patch'], batch['span_ids'], 0))
-    v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT, patch_hw_BT2=batch['patch_hw'],
-                        info=patch_info)
+    v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT,
+                        patch_grid_BT4=batch['patch_grid'], info=patch_info)
     h_BTD = jnp.where(batch['is_patch'][..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
     time_BTD = self.time_token(t_BT).astype(h_BTD.dtype)
     return jnp.where(batch['is_time'][..., None], time_BTD, h_BTD)
