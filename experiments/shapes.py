@@ -1,4 +1,4 @@
-"""Tuna-2 on the embedded "shapes" dataset, sized for a 2-core CPU (about 10 minutes).
+"""Tuna-2 on the embedded "shapes" dataset, sized for a 2-core CPU (about 7 minutes).
 
   python -m tuna2_jax.train --config=experiments/shapes.py --workdir=runs/shapes
   python -m tuna2_jax.evaluate --workdir=runs/shapes
