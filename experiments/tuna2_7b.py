@@ -52,6 +52,8 @@ def get_config(arg: str | None = None, vision: str = 'patch'):
   c.masking.update(enabled=True, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5)
   c.sampling.update(sampler='euler', steps=50, cfg_scale=3.0)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
+  # Every stage starts from pretrained weights (Qwen2.5, SigLIP 2) or the previous stage.
+  c.init.required = not args.runlocal
   if args.runlocal:
     c.model.update(dtype='float32', remat='none')
     c.model.decoder.update(num_layers=2, width=64, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -39,6 +39,18 @@ def test_stage_configs_follow_the_paper():
   assert trained and all(k.startswith('vision/connector_') for k in trained)
 
 
+def test_a_stage_without_its_starting_weights_is_refused(tmp_path):
+  for name in ('tuna2_7b', 'tuna2_7b_sft', 'tuna_r_7b_align', 'tuna_r_7b', 'tuna_r_7b_sft'):
+    assert load_experiment(name).init.required, name
+  config = load_experiment('shapes', 'runlocal=True')
+  config.batch_size = jax.device_count()
+  config.init.required = True
+  with pytest.raises(ValueError, match='init_from'):
+    train.train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert not (tmp_path / 'run' / ckpt_lib.CONFIG_FILE).exists()
+
+
 def _encoder_config(**optim):
   c = load_experiment('shapes', 'runlocal=True,vision=encoder')
   c.batch_size = jax.device_count()

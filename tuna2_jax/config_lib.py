@@ -157,7 +157,8 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.init_from = ''  # a training workdir: the previous stage's parameters
   c.init = ml_collections.ConfigDict(dict(
       decoder_from='',  # Qwen2 / Qwen2.5 Hugging Face folder, or convert.qwen2's output
-      encoder_from=''))  # SigLIP 2 Hugging Face folder (Tuna-R)
+      encoder_from='',  # SigLIP 2 Hugging Face folder (Tuna-R)
+      required=False))  # True: a new run without init_from / init.* is refused (stage configs)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'

@@ -152,6 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     totals = meta or {}
     logging.info('resumed from step %d', start)
   else:
+    init_from.check_required(config)
     state = train_state.create_sharded_state(config, mesh)
     if init_from.wanted(config):
       state = init_from.start_from(state, init_from.pretrained_params(

@@ -38,6 +38,14 @@ def wanted(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get('init_from') or init.get('decoder_from') or init.get('encoder_from'))
 
 
+def check_required(config: ml_collections.ConfigDict) -> None:
+  """Raises for a new run of a stage config (init.required) given nothing to start from."""
+  if (config.get('init') or {}).get('required') and not wanted(config):
+    raise ValueError('this stage starts from pretrained weights, but none were given: set '
+                     '--config.init.decoder_from=DIR (Qwen2.5; and init.encoder_from for '
+                     'Tuna-R) or --config.init_from=WORKDIR (the previous stage)')
+
+
 def _sub(flat: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
