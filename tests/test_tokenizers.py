@@ -92,3 +92,37 @@ def test_a_named_special_token_that_does_not_exist_is_refused(tmp_path):
   (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|nope|>'}))
   with pytest.raises(ValueError, match='<\\|nope\\|>'):
     T.Tokenizer.load(str(tmp_path))
+
+
+def test_chatml_tokenizers_lay_conversations_out_in_chatml(hf):
+  from tuna2_jax.data import tasks
+  tok, base = hf
+  start, end = base.token_to_id('<|im_start|>'), base.token_to_id('<|im_end|>')
+  assert tok.chatml_ids() == (start, end) and T.Tokenizer.load().chatml_ids() is None
+  turns = [('system', 'Be brief.'), ('user', 'What colour is it?'), ('assistant', 'Blue.'),
+           ('user', 'And the shape?'), ('assistant', 'A circle.')]
+  s = tasks.format_example({'task': 'text', 'turns': turns}, tok, 16)
+  nl = tok.encode('\n')
+  want = [tok.bos_id]
+  for role, text in turns:
+    want += [start] + tok.encode(f'{role}\n') + tok.encode(text) + [end] + nl
+  assert list(s['tokens']) == want
+  trained = list(s['targets'][s['loss_mask'] > 0])
+  assert trained == tok.encode('Blue.') + [end] + tok.encode('A circle.') + [end]
+  assert tasks.reply_end_id(tok) == end
+
+
+def test_chatml_question_prompt_is_the_training_layout_up_to_the_answer(hf):
+  import numpy as np
+  from tuna2_jax.data import tasks
+  tok, base = hf
+  image = np.zeros((32, 32, 3), np.uint8)
+  prompt = tasks.understanding_prompt(image, 'What colour is it?', tok, 16)
+  full = tasks.format_example({'task': 'mmu', 'image': image, 'question': 'What colour is it?',
+                               'answer': 'Blue.'}, tok, 16)
+  n = len(prompt['tokens'])
+  assert list(full['tokens'][:n]) == list(prompt['tokens'])
+  assert list(prompt['tokens'][n - 1 - len(tok.encode('assistant\n')):]) == (
+      [base.token_to_id('<|im_start|>')] + tok.encode('assistant\n'))
+  assert list(full['targets'][full['loss_mask'] > 0]) == (
+      tok.encode('Blue.') + [base.token_to_id('<|im_end|>')])

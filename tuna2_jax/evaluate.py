@@ -86,6 +86,7 @@ def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
   p = config.model.patch_size
   prompts = [tasks.understanding_prompt(im, q, tok, p) for im, q in zip(images, questions)]
   length = max(len(x['tokens']) for x in prompts)
+  end = tasks.reply_end_id(tok)
   answers = []
   for i, (chunk, n) in enumerate(_chunks(prompts, config.eval.batch_size)):
     batch = seq.stack_left_padded(_pad_to(chunk, config.eval.batch_size), patch_size=p,
@@ -93,8 +94,10 @@ def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
     out = sampling.decode_text(
         model, batch, jax.random.fold_in(key, i),
         max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
-        eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
-    answers += [tok.decode(row) for row in sharding.to_host(out)[:n]]
+        eos_id=end, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
+    for row in sharding.to_host(out)[:n]:
+      row = list(row)
+      answers.append(tok.decode(row[:row.index(end)] if end in row else row))
   return answers
 
 

@@ -17,20 +17,41 @@ from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
 
-def chat_pieces(turns, tok: Tokenizer) -> list[seq.Piece]:
-  """The chat template: each turn is 'role: text' on its own line, role markers spelled as text.
+def chat_pieces(turns, tok: Tokenizer, *, open_reply: bool = False) -> list[seq.Piece]:
+  """The chat template; only the assistant's replies and their end marker are trained (the
+  marker is where a reply stops), never the role markers or other turns.
 
-  An assistant turn is 'assistant:' answer [EOS], with the answer and its EOS trained (the EOS
-  is where a reply stops) and the marker not; system and user turns are context only.
+  With ChatML markers in the tokenizer (Qwen's, the format Qwen2.5-Instruct was tuned on) a turn
+  is `<|im_start|>role\ntext<|im_end|>\n`; otherwise it is 'role: text' on its own line with
+  an assistant reply ending in EOS. open_reply ends with the assistant's opening marker: the
+  prefix a decoder continues with its reply.
   """
+  markers = tok.chatml_ids()
   pieces = []
   for role, text in turns:
-    if role == 'assistant':
+    if markers:
+      start, end = markers
+      head = [start] + tok.encode(f'{role}\n')
+      if role == 'assistant':
+        pieces += [seq.Text(head), seq.Text(tok.encode(text) + [end], train=True),
+                   seq.Text(tok.encode('\n'))]
+      else:
+        pieces.append(seq.Text(head + tok.encode(text) + [end] + tok.encode('\n')))
+    elif role == 'assistant':
       pieces.append(seq.Text(tok.encode('assistant:')))
       pieces.append(seq.Text(tok.encode(text) + [tok.eos_id], train=True))
     else:
       pieces.append(seq.Text(tok.encode(f'{role}: {text}')))
+  if open_reply:
+    pieces.append(seq.Text([markers[0]] + tok.encode('assistant\n') if markers
+                           else tok.encode('assistant:')))
   return pieces
+
+
+def reply_end_id(tok: Tokenizer) -> int:
+  """The token that ends a reply: <|im_end|> under ChatML, else EOS."""
+  markers = tok.chatml_ids()
+  return markers[1] if markers else tok.eos_id
 
 
 def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[seq.Piece]:
@@ -44,6 +65,9 @@ def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[se
             seq.Text([tok.eoi_id])] + chat_pieces(ex['turns'], tok)
   if task == 'text' and 'turns' in ex:
     return [seq.Text([tok.bos_id])] + chat_pieces(ex['turns'], tok)
+  if task == 'mmu' and tok.chatml_ids():  # a question and its answer as a chat
+    return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']), seq.Text([tok.eoi_id])
+            ] + chat_pieces([('user', ex['question']), ('assistant', ex['answer'])], tok)
   if task == 'mmu':
     return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']),
             seq.Text([tok.eoi_id] + tok.encode(ex['question'])),
@@ -81,6 +105,12 @@ def generation_prompt(prompt: str, tok: Tokenizer, image_hw: tuple[int, int], pa
 
 def understanding_prompt(image: np.ndarray, question: str, tok: Tokenizer,
                          patch_size: int) -> dict:
-  """[BOS] [BOI] image [EOI] question: the prefix a text decoder continues with the answer."""
-  ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
-  return seq.assemble(to_pieces(ex, tok)[:-1], 'mmu', img_id=tok.img_id, patch_size=patch_size)
+  """[BOS] [BOI] image [EOI] question (as a user turn under ChatML): the prefix a text decoder
+  continues with the answer, which ends with reply_end_id."""
+  if tok.chatml_ids():
+    pieces = [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(image), seq.Text([tok.eoi_id])
+              ] + chat_pieces([('user', question)], tok, open_reply=True)
+  else:
+    ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
+    pieces = to_pieces(ex, tok)[:-1]
+  return seq.assemble(pieces, 'mmu', img_id=tok.img_id, patch_size=patch_size)

@@ -32,6 +32,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # that spells '<img>' cannot forge an image position.
 BOI, EOI, IMG = '<boi>', '<eoi>', '<img>'
 HF_TOKENIZER_FILE = 'tokenizer.json'
+CHATML_MARKERS = ('<|im_start|>', '<|im_end|>')
 
 
 class Tokenizer(abc.ABC):
@@ -86,6 +87,11 @@ class Tokenizer(abc.ABC):
   def text_vocab_size(self) -> int:
     """Ids below this may carry text."""
     return self.vocab_size
+
+  def chatml_ids(self) -> tuple[int, int] | None:
+    """(<|im_start|>, <|im_end|>) when the tokenizer has ChatML's turn markers (Qwen's), which
+    conversations then use (data/tasks.py:chat_pieces); None otherwise."""
+    return None
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -211,6 +217,10 @@ class HFTokenizer(Tokenizer):
   @property
   def text_vocab_size(self) -> int:
     return self._base
+
+  def chatml_ids(self) -> tuple[int, int] | None:
+    start, end = (self._tok.token_to_id(t) for t in CHATML_MARKERS)
+    return None if start is None or end is None else (start, end)
 
   def pieces(self) -> list[str]:
     return [self._added.get(i) or self._tok.id_to_token(i) or '' for i in range(self._vocab)]
