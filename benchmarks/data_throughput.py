@@ -20,6 +20,7 @@ one the wall-clock rate also counts the time other jobs held the core).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -151,15 +152,11 @@ def main():
     for resize in resamplers:
       for spec, name in ((jsonl, 'JSON-lines'), (os.path.join(root, 'ar'), 'ArrayRecord')):
         for threads in map(int, args.threads.split(',')):
-          if threads == 1:
-            with one_core():
-              ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure,
-                                                   resize)
-            rate = f'{ips:.0f} images/s per core wall-clock (pinned to 1 core)'
-          else:
+          with one_core() if threads == 1 else contextlib.nullcontext():
             ips, per_cpu_s, used = pipeline_rate(spec, args.buckets, threads, args.measure,
                                                  resize)
-            rate = f'{ips:.0f} images/s wall-clock (unpinned)'
+          rate = (f'{ips:.0f} images/s per core wall-clock (pinned to 1 core)' if threads == 1
+                  else f'{ips:.0f} images/s wall-clock (unpinned)')
           print(f'pipeline ({name}, data.resize={resize}, {threads} loader '
                 f'thread{"s" * (threads > 1)}): {rate}, {per_cpu_s:.0f} images per CPU-second; '
                 f'rows {used:.0%} full')

@@ -71,7 +71,7 @@ def train_losses(config, mesh, steps: int) -> list[float]:
   from tuna2_jax.data.tokenizer import Tokenizer
   _, _, _, step_fn = train.setup(config, mesh)
   state = train_state.create_sharded_state(config, mesh)
-  data = iter(pipeline.train_dataset(config, Tokenizer.load(config.data.tokenizer or None)))
+  data = iter(pipeline.train_dataset(config, Tokenizer.for_config(config)))
   key = jax.random.key(config.seed)
   losses = []
   for _ in range(steps):

@@ -62,8 +62,7 @@ def _encoder(path):
 
 def _grid_BT4(gh, gw):
   """(row, col, gh, gw) of the gh x gw patches of one image [1, gh*gw, 4]."""
-  rows, cols = np.divmod(np.arange(gh * gw), gw)
-  return np.stack([rows, cols, np.full_like(rows, gh), np.full_like(rows, gw)], -1)[None]
+  return seq.grid_of(gh, gw)[None]
 
 
 def _features(enc, x_BNP, grids, length):

@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from tuna2_jax.convert import hf_folder
+
 CHECKPOINTS_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 _STATE, _DATA, _META = 'state', 'data', 'meta'
@@ -111,8 +113,7 @@ class Checkpointer:
     if save_every < 1:
       raise ValueError(f'save_every={save_every}: expected a positive number of steps')
     self.workdir = workdir
-    # orbax's tensorstore layer needs absolute paths; URLs (gs://...) are left as they are.
-    root = workdir if '://' in workdir else os.path.abspath(workdir)
+    root = hf_folder.absolute(workdir)  # orbax's tensorstore layer needs absolute paths
     self.directory = os.path.join(root, CHECKPOINTS_DIR)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     # Registering the items up front is what lets a fresh manager read a step's metadata;
@@ -244,7 +245,7 @@ class Checkpointer:
 def write_config(workdir: str, config_json: str) -> str:
   """Writes `workdir/config.json` atomically (temp file + rename; an object store's single
   write is atomic itself); returns its path."""
-  if '://' in workdir:
+  if not hf_folder.is_local(workdir):
     path = epath.Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_json)

@@ -22,7 +22,6 @@ import numpy as np
 from absl import app, flags
 
 from tuna2_jax import cli
-from tuna2_jax import config_lib
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import sampling
 from tuna2_jax import sharding
@@ -248,7 +247,7 @@ def main(argv):
   if not workdir:
     raise app.UsageError('--workdir is required')
   model, config, step = train_state.load_model(workdir, use_ema=True)
-  tok = Tokenizer.load(config_lib.tokenizer_path(config) or None)
+  tok = Tokenizer.for_config(config)
   baseline = None if flags.FLAGS.skip_untrained_baseline else train_state.build_model(config)
   sets = eval_sets(config)
   results = {'step': step, 'eval_set': eval_set_digest(sets),

@@ -23,7 +23,6 @@ from absl import app, flags
 from PIL import Image
 
 from tuna2_jax import cli
-from tuna2_jax import config_lib
 from tuna2_jax import evaluate
 from tuna2_jax import sampling
 from tuna2_jax import train_state
@@ -47,7 +46,7 @@ def generate(workdir: str, prompt: str, num: int, seed: int, source: str | None 
   for key, value in sampling_overrides.items():  # cfg_scale, steps, sampler: None keeps config's
     if value is not None:
       config.sampling[key] = value
-  tok = Tokenizer.load(config_lib.tokenizer_path(config) or None)
+  tok = Tokenizer.for_config(config)
   return evaluate.generate_images(model, tok, config, [prompt] * num, jax.random.key(seed),
                                   sources=None if src is None else [src] * num)
 

@@ -115,7 +115,7 @@ def export_encoder(config: ml_collections.ConfigDict, params, workdir: str) -> s
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) encoder pretraining in workdir; returns the held-out retrieval metrics."""
   # --- config ---
-  tok = Tokenizer.load(config.data.tokenizer or None)
+  tok = Tokenizer.for_config(config)
   validate_model_config(config.model, config.data.image_size)
   if config.model.vision != 'encoder':
     raise ValueError(f'model.vision={config.model.vision!r}: encoder pretraining needs the '

@@ -29,7 +29,6 @@ from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import cli
-from tuna2_jax import config_lib
 from tuna2_jax import distributed
 from tuna2_jax import dry_run as dry_run_lib
 from tuna2_jax import evaluate as eval_lib
@@ -53,9 +52,10 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer('dry_run_devices', None, 'With --dry_run
                                         'this many fake CPU devices instead of the real ones.')
 
 
-def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
+def validate(config: ml_collections.ConfigDict) -> Tokenizer:
+  """Raises for a config that cannot train; returns the run's tokenizer."""
   validate_model_config(config.model, config.data.image_size)
-  config_lib.tokenizer_path(config)  # raises for a pretrained decoder without its tokenizer
+  tok = Tokenizer.for_config(config)  # raises for a pretrained decoder without its tokenizer
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
                      f'{config.model.vocab_size}')
@@ -65,6 +65,7 @@ def validate(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
+  return tok
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
@@ -123,7 +124,7 @@ def setup(config: ml_collections.ConfigDict, mesh):
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
   """Compiles the train step for config's mesh on abstract inputs; returns the memory report."""
-  validate(config, Tokenizer.load(config_lib.tokenizer_path(config) or None))
+  validate(config)
   mesh = sharding.make_mesh(config.mesh)
   _, abstract, shardings, step_fn = setup(config, mesh)
   return dry_run_lib.memory_report(step_fn, abstract, shardings,
@@ -133,8 +134,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training in workdir; returns the last logged metrics."""
   # --- config ---
-  tok = Tokenizer.load(config_lib.tokenizer_path(config) or None)
-  validate(config, tok)
+  tok = validate(config)
   lead = jax.process_index() == 0
 
   # --- mesh: every layout check runs here, before any state exists ---

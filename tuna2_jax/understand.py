@@ -15,7 +15,6 @@ import jax
 from absl import app, flags
 
 from tuna2_jax import cli
-from tuna2_jax import config_lib
 from tuna2_jax import evaluate
 from tuna2_jax import train_state
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -27,7 +26,7 @@ def answer(workdir: str, image_path: str, question: str, *, max_new_tokens: int 
   model, config, _ = train_state.load_model(workdir, use_ema=True)
   if temperature is not None:
     config.sampling.temperature = temperature
-  tok = Tokenizer.load(config_lib.tokenizer_path(config) or None)
+  tok = Tokenizer.for_config(config)
   return evaluate.answer_questions(model, tok, config, [image], [question], jax.random.key(seed),
                                    max_new_tokens=max_new_tokens)[0]
 

@@ -22,19 +22,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from tuna2_jax import sharding
 from tuna2_jax.convert import hf_folder
 from tuna2_jax.convert.hf_folder import ConversionError
 
 INDEX_FILE = 'model.safetensors.index.json'
 _CODES = {np.dtype(v): k for k, v in hf_folder.DTYPES.items()}
-
-
-def _to_host(x) -> np.ndarray:
-  """One whole parameter on this host (gathered from every process when it spans several)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def _write_safetensors(path: str, tensors: dict[str, object], metadata: dict[str, str]) -> None:
@@ -50,7 +43,7 @@ def _write_safetensors(path: str, tensors: dict[str, object], metadata: dict[str
   with open(path, 'wb') as f:
     f.write(len(text).to_bytes(8, 'little') + text)
     for x in tensors.values():
-      f.write(np.ascontiguousarray(_to_host(x)).tobytes())
+      f.write(np.ascontiguousarray(sharding.to_host(x)).tobytes())
 
 
 def export(params, config_json: str, output: str, shard_bytes: int = 2 << 30) -> list[str]:
@@ -77,7 +70,7 @@ def export(params, config_json: str, output: str, shard_bytes: int = 2 << 30) ->
       _write_safetensors(os.path.join(output, name), tensors, {'format': 'tuna2_jax'})
     else:  # the other processes take part in the gathers
       for x in tensors.values():
-        _to_host(x)
+        sharding.to_host(x)
     weight_map.update({t: name for t in tensors})
     names.append(name)
   if lead:
@@ -91,7 +84,6 @@ def export(params, config_json: str, output: str, shard_bytes: int = 2 << 30) ->
 def _fsdp_shardings(params, rules):
   """The parameters' shardings over all devices on the fsdp axis: the largest fsdp size that
   divides the dimensions the rules split (the rest of the devices replicate)."""
-  from tuna2_jax import sharding
   n = jax.device_count()
   for fsdp in (d for d in range(n, 0, -1) if n % d == 0):
     try:

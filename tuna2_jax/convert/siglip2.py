@@ -14,10 +14,11 @@ So400M's 27) and drops the last one, the post-LayerNorm and the pooling head.
 
 Positions: SigLIP 2 resizes its square n x n table (bilinear, antialiased) to each image's patch
 grid, and so does our encoder (models/vision_encoder.py) from its max_grid x max_grid table.
-With max_grid = n (the default of the command line; So400M/16: n = 16) the table is copied as it
-is and features equal SigLIP 2's at every grid. Another max_grid resizes the table once here, so
-each image's positions are then resized twice (close to SigLIP 2's, not equal). The connector and
-the mask token are not part of SigLIP and keep their initialisation.
+With max_grid = n (the default of the command line; So400M/16: 16 for the NaFlex checkpoint,
+32 for the 512 px one) the table is copied as it is and features equal SigLIP 2's at every grid.
+Another max_grid resizes the table once here, so each image's positions are then resized twice
+(close to SigLIP 2's, not equal). The connector and the mask token are not part of SigLIP and
+keep their initialisation.
 """
 
 from __future__ import annotations

@@ -260,11 +260,9 @@ def caption_example(image_HW3: np.ndarray, text: str, tok: Tokenizer, *, patch_s
                      f'max_len={max_len}')
   gh, gw = image_HW3.shape[0] // patch_size, image_HW3.shape[1] // patch_size
   patches = seq.patchify(image_HW3, patch_size)
-  n = np.arange(len(patches))
   tokens = np.full(max_len, tok.pad_id, np.int32)
   tokens[:len(ids)] = ids
-  grid = np.stack([n // gw, n % gw, np.full_like(n, gh), np.full_like(n, gw)], -1)
-  return {'patches': patches, 'patch_grid': grid.astype(np.int32),
+  return {'patches': patches, 'patch_grid': seq.grid_of(gh, gw),
           'tokens': tokens, 'valid': np.arange(max_len) < len(ids)}
 
 

@@ -62,6 +62,12 @@ def patchify(image_HW3: np.ndarray, p: int, out: np.ndarray | None = None) -> np
   return out
 
 
+def grid_of(gh: int, gw: int) -> np.ndarray:
+  """int32 [gh*gw, 4]: (row, col, gh, gw) of each patch of a gh x gw grid, in raster order."""
+  rows, cols = np.divmod(np.arange(gh * gw, dtype=np.int32), gw)
+  return np.stack([rows, cols, np.full_like(rows, gh), np.full_like(rows, gw)], -1)
+
+
 def unpatchify(patches_NP, height: int, width: int, p: int):
   """Exact inverse of patchify: [N, p*p*C] -> [H, W, C] (numpy or jax arrays)."""
   gh, gw = height // p, width // p
@@ -109,9 +115,7 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
     body = slice(offset + 1, offset + n)
     is_patch[body] = True
     patchify(piece.pixels, patch_size, out=patches[body])
-    ij = np.arange(n - 1)
-    patch_grid[body] = np.stack([ij // gw, ij % gw, np.full_like(ij, gh), np.full_like(ij, gw)],
-                                -1)
+    patch_grid[body] = grid_of(gh, gw)
     start = offset + 1
     pos3[body] = start
     pos3[body, 1] += patch_grid[body, 0]

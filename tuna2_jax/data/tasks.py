@@ -17,14 +17,13 @@ from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
 
-def chat_pieces(turns, tok: Tokenizer, *, open_reply: bool = False) -> list[seq.Piece]:
+def chat_pieces(turns, tok: Tokenizer) -> list[seq.Piece]:
   """The chat template; only the assistant's replies and their end marker are trained (the
   marker is where a reply stops), never the role markers or other turns.
 
   With ChatML markers in the tokenizer (Qwen's, the format Qwen2.5-Instruct was tuned on) a turn
   is `<|im_start|>role\ntext<|im_end|>\n`; otherwise it is 'role: text' on its own line with
-  an assistant reply ending in EOS. open_reply ends with the assistant's opening marker: the
-  prefix a decoder continues with its reply.
+  an assistant reply ending in EOS.
   """
   markers = tok.chatml_ids()
   pieces = []
@@ -42,9 +41,6 @@ def chat_pieces(turns, tok: Tokenizer, *, open_reply: bool = False) -> list[seq.
       pieces.append(seq.Text(tok.encode(text) + [tok.eos_id], train=True))
     else:
       pieces.append(seq.Text(tok.encode(f'{role}: {text}')))
-  if open_reply:
-    pieces.append(seq.Text([markers[0]] + tok.encode('assistant\n') if markers
-                           else tok.encode('assistant:')))
   return pieces
 
 
@@ -107,10 +103,7 @@ def understanding_prompt(image: np.ndarray, question: str, tok: Tokenizer,
                          patch_size: int) -> dict:
   """[BOS] [BOI] image [EOI] question (as a user turn under ChatML): the prefix a text decoder
   continues with the answer, which ends with reply_end_id."""
-  if tok.chatml_ids():
-    pieces = [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(image), seq.Text([tok.eoi_id])
-              ] + chat_pieces([('user', question)], tok, open_reply=True)
-  else:
-    ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
-    pieces = to_pieces(ex, tok)[:-1]
+  ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
+  # The training layout without the trained reply (and, under ChatML, the newline after it).
+  pieces = to_pieces(ex, tok)[:-2 if tok.chatml_ids() else -1]
   return seq.assemble(pieces, 'mmu', img_id=tok.img_id, patch_size=patch_size)

@@ -24,6 +24,7 @@ import os
 import sentencepiece as spm
 from etils import epath
 
+from tuna2_jax import config_lib
 from tuna2_jax.data import shapes
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), 'assets', 'shapes_sp.model')
@@ -53,6 +54,12 @@ class Tokenizer(abc.ABC):
     if path.endswith('.json') or epath.Path(path).is_dir():
       return HFTokenizer.load(path)
     return SentencePieceTokenizer.load(path)
+
+  @staticmethod
+  def for_config(config) -> 'Tokenizer':
+    """The tokenizer a run's config names (config_lib.tokenizer_path: data.tokenizer, else the
+    pretrained decoder's or the previous stage's, else the shipped model)."""
+    return Tokenizer.load(config_lib.tokenizer_path(config) or None)
 
   @property
   @abc.abstractmethod
@@ -189,6 +196,8 @@ class HFTokenizer(Tokenizer):
         self._added[next_id] = {'boi': BOI, 'eoi': EOI, 'img': IMG}.get(role, f'<{role}>')
         next_id += 1
     self._vocab = next_id
+    markers = tuple(tokenizer.token_to_id(t) for t in CHATML_MARKERS)
+    self._chatml = None if None in markers else markers
     self.pad_id, self.bos_id, self.eos_id = ids['pad'], ids['bos'], ids['eos']
     self.boi_id, self.eoi_id, self.img_id = ids['boi'], ids['eoi'], ids['img']
 
@@ -219,8 +228,7 @@ class HFTokenizer(Tokenizer):
     return self._base
 
   def chatml_ids(self) -> tuple[int, int] | None:
-    start, end = (self._tok.token_to_id(t) for t in CHATML_MARKERS)
-    return None if start is None or end is None else (start, end)
+    return self._chatml
 
   def pieces(self) -> list[str]:
     return [self._added.get(i) or self._tok.id_to_token(i) or '' for i in range(self._vocab)]
