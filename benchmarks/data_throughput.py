@@ -98,7 +98,12 @@ def pipeline_rate(spec: str, buckets: str, threads: int, n_images: int,
   c.data.weights.update(t2i=1.0, mmu=0.0, edit=0.0, text=0.0)
   c.batch_size = 1
   it = iter(pipeline.train_dataset(c, Tokenizer.load()))
-  next(it)  # warm-up: index, first window
+  # Warm-up: the index, the first packing window and the read-ahead buffer that filled in the
+  # meantime. Timing starts once those images are consumed: counting them would credit the timed
+  # window with work done before it (all of it, for a --measure below the buffer's size).
+  warm = 0
+  while warm <= c.data.read_buffer:
+    warm += int(next(it)['is_time'].sum())
   images, used, rows = 0, 0, 0
   t0, c0 = time.perf_counter(), time.process_time()
   while images < n_images:
@@ -113,7 +118,9 @@ def pipeline_rate(spec: str, buckets: str, threads: int, n_images: int,
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--images', type=int, default=240, help='distinct JPEGs written')
-  parser.add_argument('--measure', type=int, default=480, help='images timed per run')
+  parser.add_argument('--measure', type=int, default=480,
+                      help='images timed per run (a few hundred at least: the packer holds '
+                      'several rows of images in flight)')
   parser.add_argument('--threads', default='1,2')
   parser.add_argument('--buckets', default='512', choices=('512', '1024'))
   parser.add_argument('--resize', default=','.join(images_lib.RESAMPLERS),
