@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_attention import _brute_force_mask, _random_rows
-from tuna2_jax.kernels import omni_flash
+from test_attention import PAD_ID, _brute_force_mask, _random_rows
+from tuna2_jax.data import sequence as seq
+from tuna2_jax.kernels import omni_flash, omni_splash
 from tuna2_jax.models import attention as attn_lib
 
 
@@ -88,7 +89,7 @@ def test_entry_point_runs_the_named_kernel_through_the_model_layer():
 @pytest.mark.parametrize('impl,backend,dtype,match', [
     ('cudnn', 'cpu', jnp.bfloat16, 'needs a GPU'),
     ('cudnn', 'gpu', jnp.float32, 'bfloat16 or float16'),
-    ('splash', 'gpu', jnp.bfloat16, 'static masks'),
+    ('splash', 'gpu', jnp.bfloat16, 'Mosaic'),
     ('omni_flash', 'tpu', jnp.bfloat16, 'Triton'),
 ])
 def test_named_kernel_the_backend_lacks_is_a_clear_error(impl, backend, dtype, match):
@@ -100,40 +101,173 @@ def test_auto_picks_per_backend_and_falls_back_with_a_warning(caplog):
   kw = dict(dtype=jnp.bfloat16, head_dim=64)
   assert attn_lib.resolve_impl('auto', backend='cpu', self_attention=True, **kw) == 'dense'
   assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True, **kw) == 'omni_flash'
+  assert attn_lib.resolve_impl('auto', backend='tpu', self_attention=True, **kw) == 'splash'
   # KV-cache calls run dense under the kernel, named or picked.
-  for impl in ('auto', 'omni_flash'):
-    assert attn_lib.resolve_impl(impl, backend='gpu', self_attention=False, **kw) == 'dense'
+  for impl, backend in (('auto', 'gpu'), ('omni_flash', 'gpu'), ('auto', 'tpu'),
+                        ('splash', 'tpu')):
+    assert attn_lib.resolve_impl(impl, backend=backend, self_attention=False, **kw) == 'dense'
   with caplog.at_level(logging.WARNING):
-    # The omni mask on TPU, where splash cannot take it; a head_dim Triton blocks cannot tile.
-    assert attn_lib.resolve_impl('auto', backend='tpu', self_attention=True, **kw) == 'dense'
+    # A head_dim Triton blocks cannot tile.
     assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
                                  dtype=jnp.bfloat16, head_dim=72) == 'dense'
-  assert 'splash unavailable' in caplog.text and 'omni_flash unavailable' in caplog.text
+  assert 'omni_flash unavailable' in caplog.text
   with pytest.raises(ValueError, match="impl 'flash3'"):
     attn_lib.resolve_impl('flash3', backend='gpu', self_attention=True, **kw)
 
 
-def test_omni_flash_runs_per_shard_under_a_mesh():
+def _long_rows(seed: int) -> dict:
+  """Rows of 260 slots (two 128-slot blocks and a ragged third) whose longest image span
+  (a 12 x 12 grid) is longer than a block, beside short spans, a text-only sample and padding."""
+  rng = np.random.default_rng(seed)
+
+  def sample(grids):
+    pieces = [seq.Text(rng.integers(8, 100, int(rng.integers(3, 40))).tolist())]
+    for gh, gw in grids:
+      pieces.append(seq.Image(rng.integers(0, 256, (gh * 2, gw * 2, 3), dtype=np.uint8),
+                              generate=bool(rng.random() < 0.5)))
+      pieces.append(seq.Text(rng.integers(8, 100, int(rng.integers(1, 30))).tolist()))
+    return seq.assemble(pieces, 't2i', img_id=7, patch_size=2)
+
+  samples = [[sample([(12, 12)]), sample([(3, 5)])], [sample([(4, 4), (6, 9)])], [sample([])]]
+  packed = [seq.pack(row, 260, patch_size=2, pad_id=PAD_ID) for row in samples]
+  return {k: np.stack([r[k] for r in packed]) for k in seq.FIELDS}
+
+
+def _check_against_dense(attend, rows, kind, heads, head_dim=16, atol=(2e-5, 5e-5)):
+  """attend(q, k, v) against dense attention under the rows' mask: values and q/k/v grads."""
+  info = _info(rows)
+  b, t = rows['segment_ids'].shape
+  q, k, v = _qkv(len(kind), b, t, *heads, head_dim)
+  mask = attn_lib.omni_mask(info, info, kind)
+  live = np.asarray(mask.any(-1))  # rows with no keys are padding: the kernels return zeros
+  w = jax.random.normal(jax.random.key(100), q.shape) * live[..., None, None]
+  dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
+  out_d, out_k = dense(q, k, v), attend(q, k, v)
+  np.testing.assert_allclose(np.asarray(out_k)[live], np.asarray(out_d)[live], atol=atol[0])
+  assert np.all(np.asarray(out_k)[~live] == 0)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)
+  grads_d = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+  grads_k = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
+  for name, gd, gk in zip('qkv', grads_d, grads_k):
+    np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=atol[1], err_msg=f'd{name}')
+
+
+@pytest.mark.parametrize('kind,heads', [('omni', (4, 2)), ('span', (2, 2))])
+def test_omni_splash_matches_dense_values_and_grads(kind, heads):
+  """Blocks of 128: the row pads to 384, the bands compiled are 128, 256 and 512 wide, and the
+  12 x 12 span needs the 256 one (a 128 band would drop keys)."""
+  rows = _long_rows(0)
+  lo, hi = omni_flash.key_bounds(_info(rows), kind)
+  reach = np.asarray(hi - (lo if kind == 'span' else jnp.arange(260)))
+  assert 128 < reach.max() <= 256
+  assert omni_splash.band_widths(384, 128) == (128, 256, 512)
+  info = _info(rows)
+  _check_against_dense(
+      lambda q, k, v: omni_splash.omni_splash_attention(q, k, v, info, kind=kind, block=128),
+      rows, kind, heads, head_dim=32)
+
+
+def test_omni_splash_on_text_only_rows_runs_the_causal_part_alone():
+  rows = _long_rows(1)
+  text = {k: a[2:] for k, a in rows.items()}  # the text-only row
+  assert not text['span_ids'].any()
+  info = _info(text)
+  _check_against_dense(
+      lambda q, k, v: attn_lib.attention(q, k, v, info, info, impl='splash'), text, 'omni',
+      (4, 1))
+
+
+@pytest.mark.parametrize('impl', ['omni_flash', 'splash'])
+def test_blockwise_kernels_run_per_shard_under_a_mesh(impl):
   """Rows split over data, heads over tensor: each device runs the kernel on its own shard."""
   from tuna2_jax import config_lib, sharding
   mesh = sharding.mesh_from_sizes(data=4, tensor=2)
   rules = config_lib.base(config_lib.shapes_model()).sharding_rules
   rows = _random_rows(11, rows=4)
   info = _info(rows)
-  b, t = rows['segment_ids'].shape
-  q, k, v = _qkv(11, b, t, 4, 2, 16)
-  mask = attn_lib.omni_mask(info, info)
-  live = np.asarray(mask.any(-1))
 
-  def loss(q, k, v):
+  def attend(q, k, v):
     with sharding.activation_sharding(mesh, rules):
-      out = attn_lib.attention(q, k, v, info, info, impl='omni_flash')
-    return jnp.sum(out * live[..., None, None]), out
+      return attn_lib.attention(q, k, v, info, info, impl=impl)
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  dense_loss = lambda q, k, v: jnp.sum(attn_lib.dense_attention(q, k, v, mask) *
-                                       live[..., None, None])
-  np.testing.assert_allclose(np.asarray(out)[live],
-                             np.asarray(attn_lib.dense_attention(q, k, v, mask))[live], atol=2e-5)
-  for gf, gd in zip(grads, jax.grad(dense_loss, argnums=(0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(np.asarray(gf), np.asarray(gd), atol=5e-5)
+  _check_against_dense(jax.jit(attend), rows, 'omni', (4, 2))
+
+
+def _lower_for(platform, fn, *args):
+  """fn's forward and backward lowered for another platform, from this CPU host."""
+  grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  return jax.jit(grad).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _production_call(t=2048, heads=(12, 2), d=128):
+  """A tuna2_1_5b-shaped bf16 call: one row with a text prefix and a 1025-token image span."""
+  span = np.zeros((1, t), np.int32)
+  span[0, 100:1125] = 1
+  info = attn_lib.MaskInfo(jnp.ones((1, t), jnp.int32), jnp.arange(t)[None], jnp.asarray(span))
+  q = jnp.zeros((1, t, heads[0], d), jnp.bfloat16)
+  kv = jnp.zeros((1, t, heads[1], d), jnp.bfloat16)
+  return info, q, kv
+
+
+def test_omni_flash_lowers_through_triton_for_gpus():
+  """The Pallas Triton lowering runs on this host: the production kernel (bf16, head_dim 128,
+  64 x 64 blocks) lowers forward and backward, and a shape Triton cannot take is refused."""
+  info, q, kv = _production_call()
+  text = _lower_for('cuda', lambda q, k, v: omni_flash.omni_flash_attention(
+      q, k, v, info, interpret=False), q, kv, kv)
+  assert text.count('__gpu$xla.gpu.triton') == 3  # forward, dq, dk/dv
+  with pytest.raises(ValueError, match='power of 2'):
+    _lower_for('cuda', lambda q, k, v: omni_flash.omni_flash_attention(
+        q, k, v, info, block_q=48, block_k=48, interpret=False), q, kv, kv)
+
+
+@pytest.mark.parametrize('kind,calls', [('omni', 2 * (1 + 3)), ('span', 2 * 3)])
+def test_omni_splash_lowers_through_mosaic_for_tpus(kind, calls):
+  """Every compiled band (512, 1024, 2048 at 2048 slots) lowers forward and backward."""
+  info, q, kv = _production_call()
+  text = _lower_for('tpu', lambda q, k, v: omni_splash.omni_splash_attention(
+      q, k, v, info, kind=kind, interpret=False), q, kv, kv)
+  assert text.count('tpu_custom_call') == calls
+
+
+@pytest.mark.parametrize('impl', ['omni_flash', 'splash'])
+def test_the_model_under_a_blockwise_kernel_matches_dense(impl):
+  """Tuna-R on a packed batch (decoder and flow head: omni; its encoder: span attention):
+  outputs and every parameter's gradient equal the dense model's."""
+  from flax import nnx
+
+  from conftest import load_experiment, perturbed_params
+  from tuna2_jax import objectives, train_state
+
+  rng = np.random.default_rng(0)
+  results = []
+  for name in ('dense', impl):
+    config = load_experiment('shapes', 'runlocal=True,vision=encoder')
+    config.model.attention = name
+    p = config.model.patch_size
+    model = perturbed_params(train_state.build_model(config))
+    if not results:
+      image = lambda h, w: rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8)
+      text = lambda n: seq.Text(rng.integers(8, 100, n).tolist())
+      samples = [seq.assemble([text(5), seq.Image(image(3, 3), generate=True), text(3)], 't2i',
+                              img_id=7, patch_size=p),
+                 seq.assemble([text(3), seq.Image(image(2, 3)), text(4)], 'mmu', img_id=7,
+                              patch_size=p)]
+      batch = {k: v[None] for k, v in seq.pack(samples, 40, patch_size=p, pad_id=PAD_ID).items()}
+      t = np.where(batch['gen_mask'], 0.4, 1.0).astype(np.float32)
+      live = batch['segment_ids'] != 0
+
+    def loss(model):
+      hidden, x_hat = model(batch, objectives.to_unit_range(batch['patches']), t)
+      weights = np.linspace(-1, 1, hidden.shape[-1], dtype=np.float32)
+      return jnp.sum((hidden * weights).sum(-1) * live) + jnp.sum(x_hat.sum(-1) * live), (
+          hidden, x_hat)
+
+    (_, outputs), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    results.append((outputs, jax.tree.leaves(grads)))
+  (ref_out, ref_grads), (out, grads) = results
+  for a, b in zip(ref_out, out):
+    np.testing.assert_allclose(np.asarray(b)[live], np.asarray(a)[live], atol=1e-4)
+  assert len(grads) == len(ref_grads)
+  for a, b in zip(ref_grads, grads):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-3)

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from benchmarks import attention, packed_batch, sampling, train_step
 from conftest import load_experiment
@@ -26,12 +27,14 @@ def test_train_step_benchmark_runs_tuna_r(capsys):
   assert 'device: cpu' in printed and 'vision=encoder' in printed and 'tokens/s' in printed
 
 
-def test_attention_benchmark_runs_the_omni_kernel(capsys):
-  rows = attention.main(['--seq_lens=128', '--heads=2,1', '--head_dim=16', '--block=32,32',
-                         '--iters=1'])
+@pytest.mark.parametrize('kernel,block', [('omni_flash', '32,32'), ('splash', '128')])
+def test_attention_benchmark_runs_the_omni_kernel(capsys, kernel, block):
+  rows = attention.main(['--seq_lens=128', '--heads=2,1', '--head_dim=16', f'--block={block}',
+                         '--iters=1', f'--kernel={kernel}'])
   assert [r['pass'] for r in rows] == ['fwd', 'fwd+bwd']
   assert all(r['omni_s'] > 0 and np.isfinite(r['omni_tflops']) for r in rows)
-  assert 'cuDNN skipped' in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert f'omni kernel {kernel}' in printed and 'no causal baseline' in printed
 
 
 def test_sampling_benchmark_runs_cached_and_uncached(capsys):

@@ -16,11 +16,12 @@ Kernels (config `model.attention`):
               KV cache (decoding, the sampler's prompt cache) run dense under it.
   cudnn       cuDNN fused attention (jax.nn.dot_product_attention) given the omni mask as a
               boolean mask; GPU, bfloat16 / float16 only.
-  splash      TPU splash attention. Not wired yet: its masks are static, while the omni mask
-              follows each batch's image spans, so naming it is an error and auto on TPU falls
-              back to dense.
-  auto        per backend: omni_flash on GPU, splash on TPU (see above), dense on CPU; a
-              preferred kernel that cannot serve a call falls back to dense with a warning.
+  splash      kernels/omni_splash.py: TPU splash attention, the omni mask decomposed onto a
+              causal kernel and a banded image-span kernel merged by log-sum-exp (splash masks
+              are static; the batch's spans arrive as segment ids); Pallas interpret mode on
+              CPU for tests. KV-cache calls run dense under it.
+  auto        per backend: omni_flash on GPU, splash on TPU, dense on CPU; a preferred kernel
+              that cannot serve a call falls back to dense with a warning.
 Naming a kernel the backend or call cannot use raises ValueError instead of falling back.
 """
 
@@ -91,8 +92,9 @@ def kernel_problem(impl: str, *, backend: str, dtype, head_dim: int) -> str | No
   if impl == 'dense':
     return None
   if impl == 'splash':
-    return ('splash attention takes only static masks, and the omni mask depends on each '
-            "batch's image spans; it is not wired to the omni entry point")
+    if backend not in ('tpu', 'cpu'):
+      return f'splash attention lowers through Mosaic (TPU) only (backend is {backend})'
+    return None
   if impl == 'cudnn':
     if backend != 'gpu':
       return f'cuDNN attention needs a GPU (backend is {backend})'
@@ -118,7 +120,7 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
   if impl not in IMPLS:
     raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
   kw = dict(backend=backend, dtype=dtype, head_dim=head_dim)
-  if impl in ('auto', 'omni_flash') and not self_attention:
+  if impl in ('auto', 'omni_flash', 'splash') and not self_attention:
     return 'dense'  # KV-cache calls (decoding, the prompt cache): short queries, any key order
   if impl != 'auto':
     problem = kernel_problem(impl, **kw)
@@ -140,19 +142,22 @@ def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
               kind: str = 'omni', impl: str = 'dense') -> jax.Array:
   """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K].
 
-  impl 'omni_flash' (and auto's use of it) needs q_info is kv_info: self-attention over packed
-  rows, where every query's keys form one interval; KV-cache calls pass a separate kv_info.
+  The blockwise kernels (omni_flash, splash, and auto's use of them) need q_info is kv_info:
+  self-attention over packed rows; KV-cache calls pass a separate kv_info and run dense.
   """
   if kind not in KINDS:
     raise ValueError(f'attention kind {kind!r}: expected one of {KINDS}')
   impl = resolve_impl(impl, dtype=q_BTHK.dtype, head_dim=q_BTHK.shape[-1],
                       self_attention=q_info is kv_info)
-  if impl == 'omni_flash':
-    from tuna2_jax.kernels import omni_flash  # Pallas imports stay off the reference path
+  if impl in ('omni_flash', 'splash'):
+    # Pallas imports stay off the reference path.
+    if impl == 'omni_flash':
+      from tuna2_jax.kernels.omni_flash import omni_flash_attention as blockwise
+    else:
+      from tuna2_jax.kernels.omni_splash import omni_splash_attention as blockwise
 
     def kernel(q, k, v, segment_ids, positions, span_ids):
-      info = MaskInfo(segment_ids, positions, span_ids)
-      return omni_flash.omni_flash_attention(q, k, v, info, kind=kind)
+      return blockwise(q, k, v, MaskInfo(segment_ids, positions, span_ids), kind=kind)
 
     # Rows (and heads, under tensor parallelism) are independent: each device runs its shard.
     q_axes, kv_axes, row_axes = QUERY_AXES, KV_AXES, ('batch', 'activation_length')
