@@ -128,6 +128,21 @@ def test_fully_masked_query_row_is_finite():
 # --- the mask's promises, through the real model ---
 
 
+def packed_pair(p: int, seq_len: int, layout) -> dict:
+  """A batch of one row: a t2i sample then an mmu sample, each [text][image][text], padded.
+
+  layout: per sample (text before, image grid height, width, text after).
+  """
+  rng = np.random.default_rng(0)
+  image = lambda h, w: rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8)
+  text = lambda n: seq.Text(rng.integers(8, 100, n).tolist())
+  samples = [seq.assemble([text(before), seq.Image(image(h, w), generate=task == 't2i'),
+                           text(after)], task, img_id=7, patch_size=p)
+             for task, (before, h, w, after) in zip(('t2i', 'mmu'), layout)]
+  row = seq.pack(samples, seq_len, patch_size=p, pad_id=PAD_ID)
+  return {k: v[None] for k, v in row.items()}
+
+
 @pytest.fixture(scope='module', params=['patch', 'encoder'])
 def packed_model(request):
   """A tiny random Tuna-2 / Tuna-R, a jitted forward and a packed batch of two samples + padding.
@@ -136,16 +151,7 @@ def packed_model(request):
   """
   config = load_experiment('shapes', f'runlocal=True,vision={request.param}')
   model = perturbed_params(train_state.build_model(config))
-  p = config.model.patch_size
-  rng = np.random.default_rng(0)
-  image = lambda h, w: rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8)
-  text = lambda n: seq.Text(rng.integers(8, 100, n).tolist())
-  samples = [seq.assemble([text(4), seq.Image(image(2, 2), generate=True), text(3)], 't2i',
-                          img_id=7, patch_size=p),
-             seq.assemble([text(3), seq.Image(image(2, 3)), text(2)], 'mmu', img_id=7,
-                          patch_size=p)]
-  row = seq.pack(samples, 30, patch_size=p, pad_id=PAD_ID)
-  batch = {k: v[None] for k, v in row.items()}
+  batch = packed_pair(config.model.patch_size, 30, ((4, 2, 2, 3), (3, 2, 3, 2)))
   t = np.where(batch['gen_mask'], 0.4, 1.0).astype(np.float32)
 
   @nnx.jit

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_attention import PAD_ID, _brute_force_mask, _random_rows
+from test_attention import PAD_ID, _brute_force_mask, _random_rows, packed_pair
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.kernels import omni_flash, omni_splash
 from tuna2_jax.models import attention as attn_lib
@@ -239,23 +239,14 @@ def test_the_model_under_a_blockwise_kernel_matches_dense(impl):
   from conftest import load_experiment, perturbed_params
   from tuna2_jax import objectives, train_state
 
-  rng = np.random.default_rng(0)
   results = []
   for name in ('dense', impl):
     config = load_experiment('shapes', 'runlocal=True,vision=encoder')
     config.model.attention = name
-    p = config.model.patch_size
     model = perturbed_params(train_state.build_model(config))
-    if not results:
-      image = lambda h, w: rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8)
-      text = lambda n: seq.Text(rng.integers(8, 100, n).tolist())
-      samples = [seq.assemble([text(5), seq.Image(image(3, 3), generate=True), text(3)], 't2i',
-                              img_id=7, patch_size=p),
-                 seq.assemble([text(3), seq.Image(image(2, 3)), text(4)], 'mmu', img_id=7,
-                              patch_size=p)]
-      batch = {k: v[None] for k, v in seq.pack(samples, 40, patch_size=p, pad_id=PAD_ID).items()}
-      t = np.where(batch['gen_mask'], 0.4, 1.0).astype(np.float32)
-      live = batch['segment_ids'] != 0
+    batch = packed_pair(config.model.patch_size, 40, ((5, 3, 3, 3), (3, 2, 3, 4)))
+    t = np.where(batch['gen_mask'], 0.4, 1.0).astype(np.float32)
+    live = batch['segment_ids'] != 0
 
     def loss(model):
       hidden, x_hat = model(batch, objectives.to_unit_range(batch['patches']), t)

@@ -71,7 +71,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx):
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    aux = dict(aux, grad_norm=optax.global_norm(grads),
+    aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(grads),
                lr=train_state.learning_rate(config.optim, config.total_steps)(state['step']))
     return {'step': state['step'] + 1, 'params': params, 'opt': opt}, aux
 

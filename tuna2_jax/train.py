@@ -91,7 +91,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema'], params)
-    aux = dict(aux, grad_norm=optax.global_norm(grads),
+    aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(grads),
                lr=train_state.learning_rate(config.optim, config.total_steps)(state['step']))
     return {'step': state['step'] + 1, 'params': params, 'opt': opt, 'ema': ema}, aux
 

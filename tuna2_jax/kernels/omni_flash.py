@@ -68,6 +68,17 @@ def key_bounds(info: MaskInfo, kind: str = 'omni') -> tuple[jax.Array, jax.Array
   return (jnp.where(valid, lo, t).astype(jnp.int32), jnp.where(valid, hi, -1).astype(jnp.int32))
 
 
+def check_self_attention(q_BTHK, k_BTGK, kernel: str) -> None:
+  """The blockwise kernels' call shape: keys of the same rows and length, whole GQA groups."""
+  b, t, h, _ = q_BTHK.shape
+  g = k_BTGK.shape[2]
+  if k_BTGK.shape[:2] != (b, t):
+    raise ValueError(f'{kernel} attention is self-attention: keys {k_BTGK.shape} do not match '
+                     f'queries {q_BTHK.shape}')
+  if h % g:
+    raise ValueError(f'{h} query heads are not a multiple of {g} key/value heads')
+
+
 def _block_mask(lo, hi, start: int | jax.Array, shape):
   cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   return (cols >= lo[:, None]) & (cols <= hi[:, None])
@@ -256,13 +267,8 @@ def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str = 
   T is padded up to a multiple of the block sizes internally; padded tokens see no keys.
   interpret defaults to True off GPU (Pallas interpret mode, for tests on CPU).
   """
-  b, t, h, d = q_BTHK.shape
-  g = k_BTGK.shape[2]
-  if k_BTGK.shape[:2] != (b, t):
-    raise ValueError(f'omni flash attention is self-attention: keys {k_BTGK.shape} do not match '
-                     f'queries {q_BTHK.shape}')
-  if h % g:
-    raise ValueError(f'{h} query heads are not a multiple of {g} key/value heads')
+  check_self_attention(q_BTHK, k_BTGK, 'omni flash')
+  t = q_BTHK.shape[1]
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   lo, hi = key_bounds(info, kind)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from tuna2_jax.kernels.omni_flash import key_bounds
+from tuna2_jax.kernels.omni_flash import check_self_attention, key_bounds
 
 if TYPE_CHECKING:
   from tuna2_jax.models.attention import MaskInfo
@@ -198,13 +198,8 @@ def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   The block is `block`, or T rounded up to 128 for shorter rows; T is padded to a multiple of
   it, and padded tokens see no keys. interpret defaults to True off TPU.
   """
-  b, t, h, d = q_BTHK.shape
-  g = k_BTGK.shape[2]
-  if k_BTGK.shape[:2] != (b, t):
-    raise ValueError(f'omni splash attention is self-attention: keys {k_BTGK.shape} do not '
-                     f'match queries {q_BTHK.shape}')
-  if h % g:
-    raise ValueError(f'{h} query heads are not a multiple of {g} key/value heads')
+  check_self_attention(q_BTHK, k_BTGK, 'omni splash')
+  _, t, h, d = q_BTHK.shape
   if block % _LANES:
     raise ValueError(f'splash block {block} is not a multiple of {_LANES}')
   if interpret is None:
