@@ -7,8 +7,12 @@ The omni kernel (GPU: kernels/omni_flash.py; TPU: kernels/omni_splash.py; auto p
 backend) runs on the layout of a real packed row of the tuna2_1_5b mixture at each length
 (512 px image spans of 1025 tokens among text, several samples per row,
 benchmarks/packed_batch.py); the baseline runs plain causal attention over the same length:
-cuDNN flash attention on GPU, splash attention's causal kernel on TPU. Throughput is useful attention FLOP/s: 4 * heads * head_dim per (query, visible key)
-pair forward, with the backward pass counted as 2.5 times the forward (five matmuls against
+cuDNN flash attention on GPU, splash attention's causal kernel on TPU.
+
+Rows up to --check_max_len are first checked on the same device against dense attention in
+float32 (output, and q/k/v grads for a random cotangent); a mismatch prints MISMATCH and the
+script exits 1. Throughput is useful attention FLOP/s: 4 * heads * head_dim per (query, visible
+key) pair forward, with the backward pass counted as 2.5 times the forward (five matmuls against
 two), for both kernels alike; the omni row's visible pairs are counted from its mask
 (flops.attended_keys), causal's as T (T + 1) / 2. The last column is the omni kernel's share of
 the causal kernel's throughput at the same length. On CPU the baseline is skipped and the omni
@@ -31,6 +35,7 @@ import numpy as np  # noqa: E402
 from benchmarks.packed_batch import device_line, packed_batch  # noqa: E402
 from tuna2_jax import config_lib, flops  # noqa: E402
 from tuna2_jax.kernels import omni_flash, omni_splash  # noqa: E402
+from tuna2_jax.models import attention as attn_lib  # noqa: E402
 from tuna2_jax.models.attention import MaskInfo  # noqa: E402
 
 BACKWARD_FACTOR = 2.5
@@ -48,10 +53,35 @@ def timed(fn, *args, iters: int) -> float:
 
 
 def fwd_and_grad(attend):
+  """(forward, gradient of the output's sum, attend itself), the first two jitted."""
   fwd = jax.jit(attend)
   grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)),
                           argnums=(0, 1, 2)))
-  return fwd, grad
+  return fwd, grad, attend
+
+
+def check_against_dense(attend, q, k, v, info, out_tol=2e-2, grad_tol=5e-2) -> dict:
+  """The kernel's output and q/k/v grads (random cotangent) against dense attention in float32
+  on the kernel's own bfloat16 inputs; queries without keys are left out of the output error."""
+  mask = attn_lib.omni_mask(info, info)
+  live = mask.any(-1)[..., None, None]
+  w = jax.random.normal(jax.random.key(0), q.shape, jnp.float32) * live
+  dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
+
+  def value_and_grads(fn, *args):
+    out, vjp = jax.vjp(lambda *a: fn(*a).astype(jnp.float32), *args)
+    return out, vjp(w)
+
+  out_k, grads_k = jax.jit(lambda *a: value_and_grads(attend, *a))(q, k, v)
+  out_d, grads_d = jax.jit(lambda *a: value_and_grads(dense, *a))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  result = {'out_err': float(jnp.max(jnp.abs(out_k - out_d) * live))}
+  for name, gk, gd in zip(('dq', 'dk', 'dv'), grads_k, grads_d):
+    gd = gd.astype(jnp.float32)
+    result[name] = float(jnp.max(jnp.abs(gk.astype(jnp.float32) - gd)) / jnp.max(jnp.abs(gd)))
+  result['ok'] = result['out_err'] <= out_tol and max(result[n] for n in ('dq', 'dk', 'dv')) <= (
+      grad_tol)
+  return result
 
 
 def main(argv=None) -> list[dict]:
@@ -65,6 +95,9 @@ def main(argv=None) -> list[dict]:
                       help='omni_flash block_q,block_k (default 64,64); splash: one block '
                       '(default 512)')
   parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--check_max_len', type=int, default=8192,
+                      help='rows up to this length are first checked against dense attention '
+                      '(values and q/k/v grads, float32 reference) on the same device')
   args = parser.parse_args(argv)
   h, g = map(int, args.heads.split(','))
   d = args.head_dim
@@ -112,6 +145,12 @@ def main(argv=None) -> list[dict]:
     else:
       causal = None
     image_share = float(layout['span_ids'].astype(bool).mean())
+    if t <= args.check_max_len:
+      check = check_against_dense(omni[2], q, k, v, info)
+      print(f'{t:>6} check vs dense: output max error {check["out_err"]:.1e}, grads max relative '
+            f'error dq {check["dq"]:.1e} dk {check["dk"]:.1e} dv {check["dv"]:.1e}: '
+            f'{"ok" if check["ok"] else "MISMATCH"}')
+      rows.append(dict(check, seq_len=t, **{'pass': 'check'}))
     for name, factor, idx in (('fwd', 1.0, 0), ('fwd+bwd', 1.0 + BACKWARD_FACTOR, 1)):
       unit = 4.0 * h * d * factor
       omni_s = timed(omni[idx], q, k, v, iters=args.iters)
@@ -134,4 +173,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  main()
+  # A kernel that disagrees with dense attention fails the run (its speed means nothing then).
+  sys.exit(1 if any(row.get('ok') is False for row in main()) else 0)
