@@ -24,7 +24,6 @@ from absl import flags
 
 from tuna2_jax import sharding
 from tuna2_jax.convert import hf_folder
-from tuna2_jax.convert.hf_folder import ConversionError
 
 INDEX_FILE = 'model.safetensors.index.json'
 _CODES = {np.dtype(v): k for k, v in hf_folder.DTYPES.items()}
@@ -48,8 +47,7 @@ def _write_safetensors(path: str, tensors: dict[str, object], metadata: dict[str
 
 def export(params, config_json: str, output: str, shard_bytes: int = 2 << 30) -> list[str]:
   """Writes params (an nnx.State or nested dict of arrays); returns the written file names."""
-  if os.path.exists(output):
-    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+  hf_folder.check_new_output(output)
   flat = hf_folder.flat_paths(params)
   groups, size = [[]], 0
   for path, leaf in flat.items():
@@ -112,8 +110,7 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[dict, ml_collect
 def main(argv):
   del argv
   output = flags.FLAGS.output
-  if os.path.exists(output):
-    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+  hf_folder.check_new_output(output)
   params, config, step = restore_params(flags.FLAGS.workdir, use_ema=flags.FLAGS.use_ema)
   files = export(params, config.to_json_best_effort(indent=2), output,
                  int(flags.FLAGS.shard_gb * (1 << 30)))

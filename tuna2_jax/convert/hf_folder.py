@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from absl import flags
 from etils import epath
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -88,6 +89,20 @@ def unflatten(flat: dict[str, object]) -> dict:
       node = node.setdefault(key, {})
     node[last] = leaf
   return tree
+
+
+def check_new_output(output: str) -> None:
+  """Raises before any work when a conversion's --output already exists (nothing is overwritten)."""
+  if os.path.exists(output):
+    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+
+
+def define_import_flags() -> None:
+  """--hf_dir and --output, the flags every import command (convert.qwen2, convert.siglip2)
+  takes; called under `if __name__ == '__main__'`, so the modules can import each other."""
+  flags.DEFINE_string('hf_dir', None, 'Hugging Face folder: config.json + *.safetensors.',
+                      required=True)
+  flags.DEFINE_string('output', None, 'Directory to write (must not exist).', required=True)
 
 
 def is_local(path: str) -> bool:

@@ -167,8 +167,7 @@ def convert(hf_dir: str, output: str, vocab_size: int = 0) -> str:
   folder = hf_folder.HFFolder(hf_dir)
   vocab_size = vocab_size or _require(folder.config, 'vocab_size', hf_dir)
   cfg, mapping = checked_plan(folder.shapes, folder.config, vocab_size, hf_dir)
-  if os.path.exists(output):
-    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+  hf_folder.check_new_output(output)
   _, abstract = abstract_decoder(cfg, vocab_size)
   params = hf_folder.load(mapping, folder, hf_folder.flat_paths(abstract))
   tree = hf_folder.unflatten(params)
@@ -193,9 +192,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from tuna2_jax import cli
-  flags.DEFINE_string('hf_dir', None, 'Hugging Face folder: config.json + *.safetensors.',
-                      required=True)
-  flags.DEFINE_string('output', None, 'Directory to write (must not exist).', required=True)
+  hf_folder.define_import_flags()
   flags.DEFINE_integer('vocab_size', 0, 'Target vocabulary (embedding rows) including added '
                        'special tokens; 0 keeps the checkpoint\'s.')
   cli.run(main)

@@ -24,7 +24,6 @@ keep their initialisation.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -194,8 +193,7 @@ def convert(hf_dir: str, output: str, max_grid: int = 0) -> str:
   max_grid: the side of the encoder's position table; 0 keeps the checkpoint's (exact).
   """
   folder = hf_folder.HFFolder(hf_dir)
-  if os.path.exists(output):
-    raise ConversionError(f'--output {output!r} already exists; pick a new path')
+  hf_folder.check_new_output(output)
   cfg = encoder_config(folder.config, max_grid, hf_dir)
   patch_size = vision_config(folder.config, hf_dir)['patch_size']
   params = load(hf_dir, abstract_encoder(cfg, patch_size), patch_size=patch_size, target=cfg)
@@ -210,9 +208,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from tuna2_jax import cli
-  flags.DEFINE_string('hf_dir', None, 'Hugging Face folder: config.json + *.safetensors.',
-                      required=True)
-  flags.DEFINE_string('output', None, 'Directory to write (must not exist).', required=True)
+  hf_folder.define_import_flags()
   flags.DEFINE_integer('max_grid', 0, 'Side of the encoder\'s square position table (the '
                        'config\'s model.encoder.max_grid); 0 keeps the checkpoint\'s.')
   cli.run(main)
