@@ -35,30 +35,33 @@ def _qkv(seed, b, t, h, g, d, dtype=jnp.float32):
           jax.random.normal(kv, (b, t, g, d), dtype))
 
 
+def _check_against_dense(attend, rows, kind, heads, head_dim=16, atol=(2e-5, 5e-5)):
+  """attend(q, k, v) against dense attention under the rows' mask: values and q/k/v grads."""
+  info = _info(rows)
+  b, t = rows['segment_ids'].shape
+  q, k, v = _qkv(t, b, t, *heads, head_dim)
+  mask = attn_lib.omni_mask(info, info, kind)
+  live = np.asarray(mask.any(-1))  # rows with no keys are padding: the kernels return zeros
+  w = jax.random.normal(jax.random.key(100), q.shape) * live[..., None, None]
+  dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
+  out_d, out_k = dense(q, k, v), attend(q, k, v)
+  np.testing.assert_allclose(np.asarray(out_k)[live], np.asarray(out_d)[live], atol=atol[0])
+  assert np.all(np.asarray(out_k)[~live] == 0)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)
+  grads_d = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+  grads_k = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
+  for name, gd, gk in zip('qkv', grads_d, grads_k):
+    np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=atol[1], err_msg=f'd{name}')
+
+
 @pytest.mark.parametrize('seed,kind,heads', [(1, 'omni', (6, 2)), (2, 'span', (4, 4))])
 def test_omni_flash_matches_dense_values_and_grads(seed, kind, heads):
   """Blocks of 16 over rows of ~40-70 slots: several key blocks, ragged tails, padding."""
   rows = _random_rows(seed, rows=3)
   info = _info(rows)
-  b, t = rows['segment_ids'].shape
-  q, k, v = _qkv(seed, b, t, *heads, 16)
-  mask = attn_lib.omni_mask(info, info, kind)
-  live = np.asarray(mask.any(-1))  # rows with no keys are padding: any output is fine there
-  w = jax.random.normal(jax.random.key(seed + 100), q.shape) * live[..., None, None]
-
-  def loss(fn, q, k, v):
-    return jnp.sum(fn(q, k, v) * w)
-
-  dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
-  flash = lambda q, k, v: omni_flash.omni_flash_attention(q, k, v, info, kind=kind, block_q=16,
-                                                          block_k=16)
-  out_d, out_f = dense(q, k, v), flash(q, k, v)
-  np.testing.assert_allclose(np.asarray(out_f)[live], np.asarray(out_d)[live], atol=2e-5)
-  assert np.all(np.asarray(out_f)[~live] == 0)
-  grads_d = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(q, k, v)
-  grads_f = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
-  for name, gd, gf in zip('qkv', grads_d, grads_f):
-    np.testing.assert_allclose(np.asarray(gf), np.asarray(gd), atol=5e-5, err_msg=f'd{name}')
+  _check_against_dense(
+      lambda q, k, v: omni_flash.omni_flash_attention(q, k, v, info, kind=kind, block_q=16,
+                                                      block_k=16), rows, kind, heads)
 
 
 def test_omni_flash_bfloat16_close_to_float32_reference():
@@ -131,25 +134,6 @@ def _long_rows(seed: int) -> dict:
   samples = [[sample([(12, 12)]), sample([(3, 5)])], [sample([(4, 4), (6, 9)])], [sample([])]]
   packed = [seq.pack(row, 260, patch_size=2, pad_id=PAD_ID) for row in samples]
   return {k: np.stack([r[k] for r in packed]) for k in seq.FIELDS}
-
-
-def _check_against_dense(attend, rows, kind, heads, head_dim=16, atol=(2e-5, 5e-5)):
-  """attend(q, k, v) against dense attention under the rows' mask: values and q/k/v grads."""
-  info = _info(rows)
-  b, t = rows['segment_ids'].shape
-  q, k, v = _qkv(len(kind), b, t, *heads, head_dim)
-  mask = attn_lib.omni_mask(info, info, kind)
-  live = np.asarray(mask.any(-1))  # rows with no keys are padding: the kernels return zeros
-  w = jax.random.normal(jax.random.key(100), q.shape) * live[..., None, None]
-  dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
-  out_d, out_k = dense(q, k, v), attend(q, k, v)
-  np.testing.assert_allclose(np.asarray(out_k)[live], np.asarray(out_d)[live], atol=atol[0])
-  assert np.all(np.asarray(out_k)[~live] == 0)
-  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)
-  grads_d = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
-  grads_k = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
-  for name, gd, gk in zip('qkv', grads_d, grads_k):
-    np.testing.assert_allclose(np.asarray(gk), np.asarray(gd), atol=atol[1], err_msg=f'd{name}')
 
 
 @pytest.mark.parametrize('kind,heads', [('omni', (4, 2)), ('span', (2, 2))])

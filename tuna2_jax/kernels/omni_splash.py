@@ -129,8 +129,8 @@ def _omni_parts(cfg: _Config, q, k, v, seg, q_run, kv_run, band):
     o_a, (lse_a,) = before(q, k, v, segment_ids=_ids(seg, seg))
     no_span = lambda: (jnp.zeros_like(o_a), jnp.full_like(lse_a, -jnp.inf))
     branches = [no_span] + [
-        functools.partial(lambda w: _unpack(cfg.kernel('after', w)(
-            q, k, v, segment_ids=_ids(q_run, kv_run))), w) for w in cfg.widths]
+        lambda w=w: _unpack(cfg.kernel('after', w)(q, k, v, segment_ids=_ids(q_run, kv_run)))
+        for w in cfg.widths]
     o_b, lse_b = jax.lax.switch(band, branches)
     return o_a, lse_a, o_b, lse_b
 
@@ -168,8 +168,8 @@ def _omni_bwd(cfg, res, do):
     grads_a = _part_backward(cfg.kernel('before'), q, k, v, _ids(seg, seg), o, lse, do)
     zeros = lambda: (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
     branches = [zeros] + [
-        functools.partial(lambda w: _part_backward(cfg.kernel('after', w), q, k, v,
-                                                   _ids(q_run, kv_run), o, lse, do), w)
+        lambda w=w: _part_backward(cfg.kernel('after', w), q, k, v, _ids(q_run, kv_run), o, lse,
+                                   do)
         for w in cfg.widths]
     grads_b = jax.lax.switch(band, branches)
     return tuple(a + b for a, b in zip(grads_a, grads_b))
@@ -184,8 +184,8 @@ _omni.defvjp(_omni_fwd, _omni_bwd)
 def _span(cfg: _Config, q, k, v, q_run, kv_run, band):
 
   def row(q, k, v, q_run, kv_run):
-    branches = [functools.partial(lambda w: cfg.kernel('span', w, save_residuals=False)(
-        q, k, v, segment_ids=_ids(q_run, kv_run)), w) for w in cfg.widths]
+    branches = [lambda w=w: cfg.kernel('span', w, save_residuals=False)(
+        q, k, v, segment_ids=_ids(q_run, kv_run)) for w in cfg.widths]
     return jax.lax.switch(band, branches)
 
   return jax.vmap(row)(q, k, v, q_run, kv_run)
@@ -208,7 +208,7 @@ def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   pad = (-t) % block
   seg = info.segment_ids
   lo, hi = key_bounds(info, kind)
-  span_lo, span_hi = key_bounds(info, 'span')
+  span_lo, span_hi = (lo, hi) if kind == 'span' else key_bounds(info, 'span')
   in_span = span_hi >= 0
   if pad:
     pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
