@@ -19,7 +19,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import app, flags, logging
@@ -164,8 +163,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   distributed.barrier('state_ready', config.barrier_timeout_s)
 
   # --- data ---
+  # validate() has run pipeline.check_data: its source checks and warnings are not repeated.
   dataset = pipeline.train_dataset(config, tok, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_count=jax.process_count(), checked=True)
   data_iter = iter(dataset)
   if data_state is not None:
     data_iter.set_state(data_state)

@@ -12,8 +12,8 @@ from flax import nnx
 
 from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models import rope as rope_lib
-from tuna2_jax.models.transformer import (EMBED, VOCAB, SelfAttention, SwiGLU, dense, dtype_of,
-                                          make_stack, rms_norm, run_stack)
+from tuna2_jax.models.transformer import (EMBED, VOCAB, SelfAttention, SwiGLU, dense, make_stack,
+                                          rms_norm, run_stack)
 
 
 class DecoderBlock(nnx.Module):
