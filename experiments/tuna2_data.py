@@ -25,6 +25,7 @@ import shapes  # noqa: E402  (sibling configs: the tiny model and the 7B one)
 import tuna2_7b  # noqa: E402
 
 from tuna2_jax import config_lib  # noqa: E402
+from tuna2_jax.data import records  # noqa: E402
 
 # (height, width) of ~1024 (512-class) and ~4096 (1024-class) 16 px patches, about the
 # aspect ratios 1:1, 4:5, 5:4, 4:7, 7:4.
@@ -62,4 +63,10 @@ def get_config(arg: str | None = None):
   d.read_threads = 2  # loader threads per process (PIL decodes without the GIL)
   d.read_buffer = 64
   d.worker_count = 0 if args.runlocal else 8
+  # Record safety (data/records.py): limits no real record reaches, refused before decoding.
+  d.absolute_paths = False  # absolute image paths outside a configured image_root
+  d.max_text_chars = records.MAX_TEXT_CHARS  # a longer text field is skipped untokenized
+  d.max_image_pixels = records.MAX_IMAGE_PIXELS  # a larger image is skipped from its header
+  d.check_records = 32  # at start-up, a stream none of whose first N records trains stops it
+  d.max_consecutive_skips = 10_000  # ... and so does one skipping this many records in a row
   return c

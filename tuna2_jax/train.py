@@ -64,6 +64,9 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
+  # So does a stream none of whose first records can train (all skipped, or none fits seq_len).
+  pipeline.check_streams(config, tok, process_index=jax.process_index(),
+                         process_count=jax.process_count())
   return tok
 
 
