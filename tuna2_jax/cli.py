@@ -28,7 +28,6 @@ from typing import Callable, NoReturn
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from PIL import Image
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -122,17 +121,23 @@ def config_file(flag_name: str = 'config') -> str:
   return path
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-  """The image at `path` as uint8 (size, size, 3) RGB, bicubic-resized when it is another size."""
+def read_image(path: str, data) -> np.ndarray:
+  """The image at `path` as uint8 RGB, resized and centre-cropped onto the nearest of the
+  buckets config `data` trains on (the data.image_size square when it has none), exactly as
+  training loads its images (data/images.py), so a non-square image is cropped, never squashed."""
+  from tuna2_jax.data import images, records  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise InputError(f'image {path!r} not found')
   if not os.path.isfile(path):
     raise InputError(f'image {path!r} is not a file')
   try:
-    with Image.open(path) as im:
-      rgb = im.convert('RGB')
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    with open(path, 'rb') as f:
+      blob = f.read()
+    return images.decode_to_bucket(blob, images.buckets_of(data), what=f'image {path!r}',
+                                   resampler=data.get('resize', 'pillow'),
+                                   max_pixels=data.get('max_image_pixels',
+                                                       records.MAX_IMAGE_PIXELS))
+  except OSError as e:
     raise InputError(f'image {path!r} could not be read: {e}') from None
-  if rgb.size != (size, size):
-    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-  return np.asarray(rgb, np.uint8)
+  except records.Fault as e:
+    raise InputError(f'image {path!r} could not be read: {e.detail}') from None

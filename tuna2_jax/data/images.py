@@ -10,8 +10,8 @@ Pillow's 1.2 / 255 on the benchmark's photos), and 'pillow', Pillow's antialiase
 Pixels stay uint8 here; the device scales them to [-1, 1] (objectives.to_unit_range).
 
 Every PIL mode becomes 8-bit RGB correctly or is refused with a reason: 16-bit images (I;16*,
-and mode I, read as 16-bit values) are scaled by 255 / 65535, not clipped; floating-point images
-(mode F), whose range is undefined, are refused. An image of more than `max_pixels` pixels (an
+and mode I unless its values all fit 8 bits) are scaled by 255 / 65535, not clipped;
+floating-point images (mode F), whose range is undefined, are refused. An image of more than `max_pixels` pixels (an
 image bomb) is refused from its header, before its raster is decoded.
 """
 
@@ -104,10 +104,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
   if image.mode in SIXTEEN_BIT_MODES:
     values = np.asarray(image).astype(np.int64)
-    if values.min(initial=0) < 0 or values.max(initial=0) > _SIXTEEN_BIT_MAX:
-      raise ValueError(f'mode {image.mode} pixels span {values.min()}..{values.max()}; expected '
-                       f'16-bit values 0..{_SIXTEEN_BIT_MAX}')
-    gray = ((values * 255 + _SIXTEEN_BIT_MAX // 2) // _SIXTEEN_BIT_MAX).astype(np.uint8)
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
+    if low < 0 or high > _SIXTEEN_BIT_MAX:
+      raise ValueError(f'mode {image.mode} pixels span {low}..{high}; expected 16-bit values '
+                       f'0..{_SIXTEEN_BIT_MAX}')
+    if image.mode == 'I' and high <= 255:  # 32-bit integers holding 8-bit values
+      gray = values.astype(np.uint8)
+    else:
+      gray = ((values * 255 + _SIXTEEN_BIT_MAX // 2) // _SIXTEEN_BIT_MAX).astype(np.uint8)
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
   if image.mode == 'F':
     raise ValueError('floating-point pixels (mode F) have no defined range; expected 8- or '
@@ -124,7 +128,8 @@ def buckets_of(data) -> tuple[Bucket, ...]:
 
 def _reason(e: Exception) -> str:
   """The decoder's complaint without the repr of the in-memory file it read from."""
-  return re.sub(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>', 'the bytes', f'{type(e).__name__}: {e}')
+  text = f'{type(e).__name__}: {e}'
+  return re.sub(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>', 'the bytes', text)
 
 
 @contextlib.contextmanager
