@@ -191,7 +191,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       sources.check_stream(task, spec, config.data.image_root[task])
 
 
-def _stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
+def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
                   process_index: int, process_count: int) -> tuple[grain.MapDataset, int,
                                                                    SampleMaker]:
   """(this process's records, shuffled and repeated; how many there are; their SampleMaker)."""
@@ -221,7 +221,7 @@ def _stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: 
 def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """One task stream: this process's records, shuffled, repeated, loaded and formatted."""
-  items, _, maker = _stream_parts(config, task, spec, tok, process_index=process_index,
+  items, _, maker = stream_parts(config, task, spec, tok, process_index=process_index,
                                   process_count=process_count)
   return items.map_with_index(maker)
 
@@ -235,7 +235,7 @@ def check_streams(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
   if config.data.name != 'mixture' or config.data.check_records <= 0:
     return
   for task, spec, _ in active_streams(config):
-    items, count, maker = _stream_parts(config, task, spec, tok, process_index=process_index,
+    items, count, maker = stream_parts(config, task, spec, tok, process_index=process_index,
                                         process_count=process_count)
     reasons, first, lengths = collections.Counter(), {}, []
     checked = min(config.data.check_records, count)
