@@ -12,6 +12,10 @@ Each stream is a JSON-lines file in the reference format, an ArrayRecord folder 
   python -m tuna2_jax.train --config=experiments/tuna2_data.py:runlocal=True --workdir=/tmp/r \
       --config.data.t2i=shapes --config.data.mmu=my.jsonl
 
+  # runlocal rows hold 128 tokens, enough for the shapes streams; official understanding records
+  # need about 1024 with the small tokenizer (the start-up check names the stream and length):
+  #   ... --config.data.mmu=llava.jsonl --config.seq_len=1024
+
 Args after ':': runlocal=True (tiny model and rows, as shapes.py:runlocal), vision=encoder
 (Tuna-R), buckets=512|1024 (the aspect-ratio bucket class).
 Model and recipe otherwise as tuna2_7b.py: 16k-token rows, 7 : 3 generation : understanding.
