@@ -11,8 +11,8 @@ Pixels stay uint8 here; the device scales them to [-1, 1] (objectives.to_unit_ra
 
 Every PIL mode becomes 8-bit RGB correctly or is refused with a reason: 16-bit images (I;16*,
 and mode I unless its values all fit 8 bits) are scaled by 255 / 65535, not clipped;
-floating-point images (mode F), whose range is undefined, are refused. An image of more than `max_pixels` pixels (an
-image bomb) is refused from its header, before its raster is decoded.
+floating-point images (mode F), whose range is undefined, are refused. An image of more than
+`max_pixels` pixels (an image bomb) is refused from its header, before its raster is decoded.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference JSON-lines record formats, their accepted variants, faults, and ArrayRecord records.
+"""The reference JSON-lines record formats, their accepted variants, faults, ArrayRecord records.
 
 Record formats (ARCHITECTURE.md; image paths relative to an image root):
   t2i   {"image", "caption"}

@@ -14,6 +14,7 @@ anything unusable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -85,6 +86,13 @@ class JsonlSource:
 
   def __repr__(self) -> str:
     return f'JsonlSource({self.path!r}, {len(self)} lines)'
+
+
+@functools.lru_cache(maxsize=8)
+def _jsonl_source(path: str, mtime_ns: int, size: int) -> JsonlSource:
+  """One line index per file version: the start-up stream check and the run share it."""
+  del mtime_ns, size  # the cache key: a changed file is indexed again
+  return JsonlSource(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +232,8 @@ def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset
   """The stream's records as a MapDataset of (where, payload)."""
   kind = stream_kind(spec, task)
   if kind == 'jsonl':
-    return grain.MapDataset.source(JsonlSource(spec))
+    stat = os.stat(spec)
+    return grain.MapDataset.source(_jsonl_source(spec, stat.st_mtime_ns, stat.st_size))
   if kind == 'tfds':
     return grain.MapDataset.source(TfdsRecords(spec, task, tfds_fields or TFDS_FIELDS[task]))
   check_converted(spec, task)
