@@ -354,3 +354,15 @@ def test_inference_images_are_resized_and_cropped_as_in_training(tmp_path):
   data.max_image_pixels = 1000
   with pytest.raises(cli.InputError, match='bomb.png.*more than data.max_image_pixels'):
     cli.read_image(str(tmp_path / 'bomb.png'), data)
+
+
+def test_an_unexpected_error_in_one_record_is_a_counted_skip(tok, caplog):
+  def loader(item):
+    raise KeyError('a bug a record can trigger')
+
+  make = pipeline.SampleMaker(loader, tok, 16, 128, 0.0, 0, 1)
+  marker = make(0, ('data.jsonl:7', b'{}'))
+  assert records.FAULT_REASONS[int(marker[packing.FAULT_KEY])] == 'load_error'
+  assert int(marker[packing.STREAM_KEY]) == 1
+  (message,) = [r.getMessage() for r in caplog.records]
+  assert message.startswith("skipped record data.jsonl:7: load_error: KeyError: 'a bug a record")
