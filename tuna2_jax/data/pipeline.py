@@ -119,7 +119,7 @@ class SampleMaker:
   fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
                                                   compare=False, repr=False)
 
-  def sample(self, index: int, item) -> dict:
+  def sample(self, index: int, item, may_drop_prompt: bool = True) -> dict:
     """The formatted sample; raises records.Fault (with `where` set) when it is skipped.
 
     Whatever a record holds, nothing but a Fault leaves here: an unexpected error while loading
@@ -129,8 +129,8 @@ class SampleMaker:
     where = item[0]
     try:
       where, ex = self.loader(item)
-      s = tasks.format_example(ex, self.tok, self.patch_size,
-                               drop_prompt=rng.random() < self.caption_dropout)
+      drop = may_drop_prompt and rng.random() < self.caption_dropout
+      s = tasks.format_example(ex, self.tok, self.patch_size, drop_prompt=drop)
     except records.Fault:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -192,8 +192,8 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 
 
 def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
-                  process_index: int, process_count: int) -> tuple[grain.MapDataset, int,
-                                                                   SampleMaker]:
+                 process_index: int, process_count: int) -> tuple[grain.MapDataset, int,
+                                                                  SampleMaker]:
   """(this process's records, shuffled and repeated; how many there are; their SampleMaker)."""
   data, stream = config.data, seq.TASK_IDS[task]
   if spec == SHAPES_SPEC:
@@ -222,7 +222,7 @@ def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok:
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """One task stream: this process's records, shuffled, repeated, loaded and formatted."""
   items, _, maker = stream_parts(config, task, spec, tok, process_index=process_index,
-                                  process_count=process_count)
+                                 process_count=process_count)
   return items.map_with_index(maker)
 
 
@@ -236,12 +236,12 @@ def check_streams(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
     return
   for task, spec, _ in active_streams(config):
     items, count, maker = stream_parts(config, task, spec, tok, process_index=process_index,
-                                        process_count=process_count)
+                                       process_count=process_count)
     reasons, first, lengths = collections.Counter(), {}, []
     checked = min(config.data.check_records, count)
     for i in range(checked):
       try:
-        maker.sample(i, items[i])
+        maker.sample(i, items[i], may_drop_prompt=False)  # it must fit with its prompt
         break
       except records.Fault as fault:
         reasons[fault.reason] += 1
@@ -251,7 +251,7 @@ def check_streams(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_
     else:
       counts = ', '.join(f'{r} {n}' for r, n in reasons.most_common())
       why = f'none of its first {checked} records can be trained on (skipped: {counts})'
-      if reasons['too_long'] == checked and lengths:
+      if len(lengths) == checked:
         why = (f'its samples never fit seq_len={config.seq_len}: none of its first {checked} '
                f'records does (the shortest has {min(lengths)} tokens); raise '
                f'--config.seq_len to at least {min(lengths)}, or use shorter records')
