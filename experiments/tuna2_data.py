@@ -12,6 +12,10 @@ Each stream is a JSON-lines file in the reference format, an ArrayRecord folder 
   python -m tuna2_jax.train --config=experiments/tuna2_data.py:runlocal=True --workdir=/tmp/r \
       --config.data.t2i=shapes --config.data.mmu=my.jsonl
 
+  # held-out loss per stream, and answers about chosen images in the sample grids:
+  ... --config.data.eval.t2i=/data/t2i_val.jsonl --config.data.eval.mmu=/data/llava_val.jsonl \
+      --config.eval.images="('/data/probe/0.jpg', '/data/probe/1.jpg')"
+
 Args after ':': runlocal=True (tiny model and rows, as shapes.py:runlocal), vision=encoder
 (Tuna-R), buckets=512|1024 (the aspect-ratio bucket class).
 Model and recipe otherwise as tuna2_7b.py: 16k-token rows, 7 : 3 generation : understanding.
@@ -62,4 +66,17 @@ def get_config(arg: str | None = None):
   d.read_threads = 2  # loader threads per process (PIL decodes without the GIL)
   d.read_buffer = 64
   d.worker_count = 0 if args.runlocal else 8
+  # Held-out splits (same forms as the streams, read with their image_root and tfds_fields):
+  # their loss goes to eval_history.jsonl every eval.metrics_every steps (heldout.py).
+  d.eval = {'t2i': '', 'mmu': '', 'edit': '', 'text': ''}
+
+  c.eval.shapes_metrics = False
+  c.eval.metrics_every = c.eval_every
+  # Sample grids at eval_every; add image files to eval.images (and eval.questions) to see the
+  # model's answers beside them. Shapes-grammar prompts get the shapes checker's marks.
+  c.eval.prompts = (('a red circle at the top left.', 'a blue square at the center.')
+                    if args.runlocal else
+                    ('a photo of a red apple on a wooden table.', 'a photo of two cats.',
+                     'a blue bicycle leaning against a yellow wall.', 'a bowl of ramen.'))
+  c.eval.questions = ('Describe the image.',)
   return c

@@ -64,6 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
+  eval_lib.check(config)  # so do held-out streams and sample images that cannot be read
   return tok
 
 
