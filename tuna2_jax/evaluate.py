@@ -281,12 +281,13 @@ def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, work
   if jax.process_index() != 0:
     return [path for _, path, *_ in grids]
   for tag, path, images, captions, marks in grids:
-    metrics_lib.save_sample_grid(path, images, captions, marks=marks)
+    scale = sample_grids.grid_scale(images)
+    metrics_lib.save_sample_grid(path, images, captions, scale=scale, marks=marks)
     with open(os.path.splitext(path)[0] + '.json', 'w') as f:
       json.dump({'step': step, 'captions': captions, 'marks': marks}, f, indent=1)
     if writer is not None:
-      writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(images, captions,
-                                                                         marks=marks))
+      writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(
+          images, captions, scale=scale, marks=marks))
       judged = [m for m in marks or () if m is not None]
       if judged:
         writer.write_tensorboard(step, {'samples/checker_pass': float(np.mean(judged))})

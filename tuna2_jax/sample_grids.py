@@ -25,6 +25,14 @@ from tuna2_jax.data import records
 from tuna2_jax.data import shapes
 
 
+MIN_TILE_SIDE = 128  # small images are upscaled (nearest) by whole factors to about this side
+
+
+def grid_scale(images: Sequence[np.ndarray]) -> int:
+  """The upscaling factor of a grid's tiles: shapes' 48 px scenes 2x, photographs 1x."""
+  return max(1, MIN_TILE_SIDE // max(max(np.shape(im)[:2]) for im in images))
+
+
 def generation_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The (height, width) sample images are drawn at."""
   buckets = config.data.get('buckets')
