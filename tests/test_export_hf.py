@@ -85,3 +85,25 @@ def test_decoder_without_qkv_bias_is_refused_and_nothing_written(tmp_path):
   with pytest.raises(ConversionError, match='qkv_bias=False'):
     export.export(params, config, str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
+
+
+def test_the_runs_tokenizer_and_its_chat_template_travel_with_the_export(tmp_path):
+  """transformers loads the exported tokenizer, and its apply_chat_template writes the text our
+  chat layout trains on (data/chat_template.py)."""
+  from test_chat_template import CHATML, TURNS, _folder
+  from tuna2_jax.data import chat_template
+  (tmp_path / 'tok').mkdir()
+  ours = _folder(tmp_path / 'tok', CHATML)
+  model, config = _model(False)
+  config.data.tokenizer = str(tmp_path / 'tok')
+  out = tmp_path / 'hf'
+  export.export(nnx.state(model, nnx.Param), config, str(out))
+  hf = json.loads((out / 'config.json').read_text())
+  assert (hf['eos_token_id'], hf['pad_token_id']) == (ours.eos_id, ours.pad_id)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  messages = [{'role': r, 'content': t} for r, t in TURNS]
+  assert theirs.apply_chat_template(messages, tokenize=False) == chat_template.render(ours, TURNS)
+  assert theirs.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
+      chat_template.render(ours, TURNS[:1], add_generation_prompt=True))
+  text = chat_template.render(ours, TURNS)
+  assert theirs(text, add_special_tokens=False)['input_ids'] == ours.encode(text)
