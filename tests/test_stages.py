@@ -2,7 +2,6 @@
 a new stage starts from the previous stage's parameters (or pretrained weights) with a new
 optimizer, as distinct from resuming."""
 
-import json
 import math
 
 import jax
