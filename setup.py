@@ -23,6 +23,7 @@ setup(
         'sentencepiece>=0.2',
         'safetensors',
         'tokenizers',
+        'jinja2',  # tokenizers' chat templates
         'numpy',
         'pillow',
         'opencv-python-headless',

@@ -108,9 +108,9 @@ def test_train_runs_end_to_end_and_writes_its_outputs(uninterrupted_run):
     assert line['loss'] == pytest.approx(line['text_loss'] + line['flow_loss'], rel=1e-5)
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
   assert any(name.startswith('events.out.tfevents') for name in events)
-  samples = os.listdir(os.path.join(workdir, 'samples'))
-  assert samples == ['step_000004.png']
-  assert os.path.getsize(os.path.join(workdir, 'samples', samples[0])) > 0
+  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  assert samples == ['step_000004.json', 'step_000004.png']  # the grid and its captions, marks
+  assert os.path.getsize(os.path.join(workdir, 'samples', samples[1])) > 0
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   saved = json.loads(ckpt_lib.read_config(workdir))
   assert saved['total_steps'] == 4 and saved['model']['decoder']['width'] == 64

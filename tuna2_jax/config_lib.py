@@ -168,6 +168,8 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
   c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
+  # Held-out splits of the task streams, for the held-out loss (heldout.py; mixture data only).
+  c.data.eval = ml_collections.ConfigDict(dict(t2i='', mmu='', edit='', text=''))
 
   c.objective = ml_collections.ConfigDict(dict(
       text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
@@ -190,7 +192,12 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16,
       # Held-out metrics during training, appended to workdir/eval_history.jsonl every this
       # many steps (and at the last step); 0 = only the samples at eval_every.
-      metrics_every=0))
+      metrics_every=0,
+      shapes_metrics=True,  # the held-out shapes metrics (evaluate.py); off for real data
+      loss_batches=8,  # held-out loss: at most this many batches per data.eval stream
+      # Sample grids (sample_grids.py): prompts to draw (() = held-out shapes prompts on shapes
+      # data), image files to ask eval.questions about (one question each, or one for all).
+      prompts=(), images=(), questions=()))
 
   # Devices per axis inside a slice (ICI) and slices per axis (DCN, multi-slice TPU or several
   # GPU nodes); one ICI and one DCN size may be -1 to take what is left (sharding.make_mesh).

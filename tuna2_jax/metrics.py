@@ -17,6 +17,7 @@ from tensorboardX import SummaryWriter
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 TILE_GAP = 4  # pixels between tiles of a sample grid, and around it
+MARK_COLOURS = {True: (0, 170, 0), False: (220, 0, 0)}  # a checker's pass / fail frame
 
 
 def _json_number(value: Any) -> float | None:
@@ -114,13 +115,21 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
   return lines
 
 
-def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence[str],
-                     columns: int = 4, scale: int = 2) -> str:
-  """Writes a PNG grid: each uint8 (H, W, 3) image upscaled `scale`x, its caption wrapped beneath.
+def sample_grid(images: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4,
+                scale: int = 2, marks: Sequence[bool | None] | None = None) -> np.ndarray:
+  """A grid (uint8 (H, W, 3)): each uint8 (H, W, 3) image upscaled `scale`x, its caption wrapped
+  beneath.
 
   Tiles are as wide as the widest upscaled image; the grid is min(columns, len(images)) tiles
-  wide with TILE_GAP pixels around every tile. Returns `path`.
+  wide with TILE_GAP pixels around every tile. marks: a checker's verdict per tile (None: no
+  verdict), drawn as a green (True) or red (False) frame in the gap and 'pass: ' / 'fail: '
+  before the caption.
   """
+  marks = list(marks) if marks is not None else [None] * len(images)
+  if len(marks) != len(images):
+    raise ValueError(f'got {len(marks)} marks for {len(images)} images; expected one each')
+  captions = [c if m is None else f'{"pass" if m else "fail"}: {c}'
+              for c, m in zip(captions, marks)]
   if not images or len(images) != len(captions):
     raise ValueError(f'got {len(images)} images and {len(captions)} captions; expected the same '
                      'number, at least one')
@@ -148,9 +157,21 @@ def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence
   for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
     x = TILE_GAP + (i % cols) * (tile_w + TILE_GAP)
     y = TILE_GAP + (i // cols) * (tile_h + TILE_GAP)
+    if marks[i] is not None:
+      frame = TILE_GAP // 2
+      draw.rectangle((x - frame, y - frame, x + tile.width + frame - 1,
+                      y + tile.height + frame - 1), fill=MARK_COLOURS[marks[i]])
     grid.paste(tile, (x, y))
     for j, line in enumerate(lines):
       draw.text((x, y + image_h + TILE_GAP + j * line_h - top), line, fill='black', font=font)
+  return np.asarray(grid)
+
+
+def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence[str],
+                     columns: int = 4, scale: int = 2,
+                     marks: Sequence[bool | None] | None = None) -> str:
+  """Writes sample_grid(...) as a PNG; returns `path`."""
+  grid = Image.fromarray(sample_grid(images, captions, columns, scale, marks))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   grid.save(path, format='PNG')
   return path

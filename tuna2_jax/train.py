@@ -67,6 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
   # So does a stream none of whose first records can train (all skipped, or none fits seq_len).
   pipeline.check_streams(config, tok, process_index=jax.process_index(),
                          process_count=jax.process_count())
+  eval_lib.check(config)  # so do held-out streams and sample images that cannot be read
   return tok
 
 

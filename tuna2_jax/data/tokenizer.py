@@ -8,7 +8,9 @@ Every tokenizer gives the ids the sequence format needs: pad, bos, eos and the i
 <boi>, <eoi>, <img>. None of them can be produced from text: SentencePiece control symbols are
 never emitted by encode, and the Hugging Face tokenizer gets the ones it lacks appended after its
 vocabulary (and after the model's embedding rows, read from config.json beside it), outside
-anything its pre-tokenizer can match. `Tokenizer.load(path)` picks the implementation.
+anything its pre-tokenizer can match. `Tokenizer.load(path)` picks the implementation. A Hugging
+Face tokenizer's own chat template (tokenizer_config.json `chat_template`, or chat_template.jinja
+beside it) lays out conversations when it has one (data/chat_template.py).
 
 Regenerate the shipped model (deterministic, under a second):
 
@@ -33,6 +35,9 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # that spells '<img>' cannot forge an image position.
 BOI, EOI, IMG = '<boi>', '<eoi>', '<img>'
 HF_TOKENIZER_FILE = 'tokenizer.json'
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'  # where transformers >= 4.43 saves the template
+# The files of a Hugging Face tokenizer folder HFTokenizer reads (config.json aside).
+HF_TOKENIZER_FILES = (HF_TOKENIZER_FILE, 'tokenizer_config.json', CHAT_TEMPLATE_FILE)
 CHATML_MARKERS = ('<|im_start|>', '<|im_end|>')
 
 
@@ -97,7 +102,22 @@ class Tokenizer(abc.ABC):
 
   def chatml_ids(self) -> tuple[int, int] | None:
     """(<|im_start|>, <|im_end|>) when the tokenizer has ChatML's turn markers (Qwen's), which
-    conversations then use (data/tasks.py:chat_pieces); None otherwise."""
+    conversations use when it has no chat template of its own (data/tasks.py:chat_pieces);
+    None otherwise."""
+    return None
+
+  @property
+  def chat_template(self) -> str | None:
+    """The tokenizer's own Jinja chat template, which conversations then follow
+    (data/chat_template.py); None when it has none."""
+    return None
+
+  def template_tokens(self) -> dict[str, str]:
+    """The special tokens' text a chat template may use (bos_token, eos_token, ...)."""
+    return {}
+
+  def added_token_at(self, text: str) -> tuple[str, int] | None:
+    """(token text, id) of the longest special token `text` starts with, or None."""
     return None
 
 
@@ -169,6 +189,21 @@ def _token_name(value) -> str | None:
   return value.get('content') if isinstance(value, dict) else value
 
 
+def _default_template(value, where) -> str | None:
+  """tokenizer_config.json's chat_template: a string, or a list of {'name', 'template'} whose
+  'default' entry is the conversation template."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    if 'default' in named:
+      return named['default']
+    raise ValueError(f'{os.fspath(where)}: chat_template lists {sorted(map(str, named))}; '
+                     'expected one named "default"')
+  raise ValueError(f'{os.fspath(where)}: chat_template is a {type(value).__name__}; expected '
+                   'a string or a list of {"name", "template"}')
+
+
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` tokenizer (tokenizer.json).
 
@@ -179,8 +214,12 @@ class HFTokenizer(Tokenizer):
   """
 
   def __init__(self, tokenizer, *, bos: str | None = None, eos: str | None = None,
-               pad: str | None = None, first_added_id: int = 0, name: str = '<memory>'):
+               pad: str | None = None, first_added_id: int = 0, name: str = '<memory>',
+               chat_template: str | None = None):
     self._tok = tokenizer
+    self._chat_template = chat_template or None
+    self._template_tokens = {f'{role}_token': token or '' for role, token in
+                             (('bos', bos), ('eos', eos), ('pad', pad))}
     self._base = tokenizer.get_vocab_size(with_added_tokens=True)
     next_id = max(self._base, first_added_id)
     self._added: dict[int, str] = {}
@@ -209,15 +248,18 @@ class HFTokenizer(Tokenizer):
     folder, file = (given, given / HF_TOKENIZER_FILE) if given.is_dir() else (given.parent, given)
     if not file.is_file():
       raise FileNotFoundError(f'tokenizer {os.fspath(file)!r} not found')
-    special = {}
+    special, template = {}, None
     if (folder / 'tokenizer_config.json').is_file():
       config = json.loads((folder / 'tokenizer_config.json').read_text())
       special = {role: _token_name(config.get(f'{role}_token')) for role in ('bos', 'eos', 'pad')}
+      template = _default_template(config.get('chat_template'), folder / 'tokenizer_config.json')
+    if (folder / CHAT_TEMPLATE_FILE).is_file():  # transformers reads this one first
+      template = (folder / CHAT_TEMPLATE_FILE).read_text()
     rows = 0
     if (folder / 'config.json').is_file():
       rows = int(json.loads((folder / 'config.json').read_text()).get('vocab_size') or 0)
     return cls(tokenizers.Tokenizer.from_str(file.read_text()), first_added_id=rows,
-               name=os.fspath(file), **special)
+               name=os.fspath(file), chat_template=template, **special)
 
   @property
   def vocab_size(self) -> int:
@@ -229,6 +271,18 @@ class HFTokenizer(Tokenizer):
 
   def chatml_ids(self) -> tuple[int, int] | None:
     return self._chatml
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._chat_template
+
+  def template_tokens(self) -> dict[str, str]:
+    return dict(self._template_tokens)
+
+  def added_token_at(self, text: str) -> tuple[str, int] | None:
+    found = [(t.content, i) for i, t in self._tok.get_added_tokens_decoder().items()
+             if t.content and text.startswith(t.content)]
+    return max(found, key=lambda x: len(x[0])) if found else None
 
   def pieces(self) -> list[str]:
     return [self._added.get(i) or self._tok.id_to_token(i) or '' for i in range(self._vocab)]
