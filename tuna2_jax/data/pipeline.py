@@ -68,7 +68,8 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
   while misfits < _MAX_MISFITS:
     ex = draw_shapes_example(rng, names[rng.choice(len(names), p=probs)], config.data)
     drop = rng.random() < config.objective.caption_dropout
-    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop)
+    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop,
+                             pixel_layout=config.model.pixel_layout)
     n = len(s['tokens'])
     if n > config.seq_len:
       raise ValueError(f'a {ex["task"]} sample has {n} tokens, more than seq_len='
@@ -117,6 +118,7 @@ class SampleMaker:
   stream: int
   fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
                                                   compare=False, repr=False)
+  pixel_layout: str = 'exact'  # model.pixel_layout: 'official' lays spans out as its training
 
   def __call__(self, index: int, item) -> dict:
     rng = np.random.default_rng([self.seed, self.stream, index, 1])  # apart from the loader's
@@ -124,7 +126,8 @@ class SampleMaker:
     try:
       where, ex = self.loader(item)
       s = tasks.format_example(ex, self.tok, self.patch_size,
-                               drop_prompt=rng.random() < self.caption_dropout)
+                               drop_prompt=rng.random() < self.caption_dropout,
+                               pixel_layout=self.pixel_layout)
       if len(s['tokens']) > self.seq_len:
         raise records.Fault('too_long', f'{len(s["tokens"])} tokens > seq_len={self.seq_len}')
       return s
@@ -188,7 +191,8 @@ def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok:
     items = items.shuffle(seed=config.seed * 1000 + stream).repeat()
   return items.map_with_index(SampleMaker(
       loader, tok, config.model.patch_size, config.seq_len,
-      config.objective.caption_dropout, config.seed, stream))
+      config.objective.caption_dropout, config.seed, stream,
+      pixel_layout=config.model.pixel_layout))
 
 
 def mixed_samples(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
