@@ -44,11 +44,16 @@ def sample_timesteps(key, batch: dict, obj: ml_collections.ConfigDict) -> jax.Ar
   return jnp.where(batch['span_ids'] > 0, t, 1.0)
 
 
+def interpolate(x_BTP, t_BT, e_BTP) -> jax.Array:
+  """x_t = t x + (1 - t) e (t = 1 clean, t = 0 noise), in float32."""
+  t = t_BT[..., None].astype(jnp.float32)
+  return t * x_BTP + (1.0 - t) * e_BTP
+
+
 def add_noise(key, x_BTP, t_BT, noise_scale: float) -> tuple[jax.Array, jax.Array]:
-  """x_t = t x + (1 - t) e; tokens with t = 1 stay clean."""
+  """(x_t, e) with e ~ N(0, I) * noise_scale; tokens with t = 1 stay clean."""
   e_BTP = jax.random.normal(key, x_BTP.shape, jnp.float32) * noise_scale
-  t = t_BT[..., None]
-  return t * x_BTP + (1.0 - t) * e_BTP, e_BTP
+  return interpolate(x_BTP, t_BT, e_BTP), e_BTP
 
 
 def official_source_slots(patch_grid_BT4, p: int, *, to_strips: bool) -> tuple[jax.Array, jax.Array]:

@@ -70,7 +70,8 @@ def generated_slots(gen_mask_BT) -> tuple[int, int]:
 def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler',
                   noise_scale: float = 1.0, t_eps: float = 0.05, cfg_scale: float = 1.0,
                   cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_interval_open: bool = False,
-                  prompt_cache: bool | None = None) -> jax.Array:
+                  prompt_cache: bool | None = None, noise_BTP: jax.Array | None = None,
+                  clip: bool = True) -> jax.Array:
   """Integrates dx/dt = v from t = 0 (noise * noise_scale) to t = 1 over `steps` uniform steps.
 
   Returns the generated pixel blocks [B, T, p*p*3] in [-1, 1] (clean inputs elsewhere); with
@@ -81,6 +82,8 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
   them. The result equals the uncached one up to float rounding. With the model's
   pixel_layout 'official', x_hat (strips of raster pixels) is moved into block layout first.
   Heun steps all but the last, which is Euler (the velocity is singular at t = 1).
+  noise_BTP: the starting noise (unit variance, scaled by noise_scale) in place of a draw from
+  key; clip=False returns the final state unclipped (for comparisons with other samplers).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
@@ -91,16 +94,18 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
   layout = (cfg.pixel_layout, cfg.patch_size) if cfg is not None else ('exact', 0)
   return _sample_images(model, batch, key, steps=steps, sampler=sampler, noise_scale=noise_scale,
                         t_eps=t_eps, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
-                        cfg_interval_open=bool(cfg_interval_open), span=span, layout=layout)
+                        cfg_interval_open=bool(cfg_interval_open), span=span, layout=layout,
+                        noise_BTP=noise_BTP, clip=clip)
 
 
 @functools.partial(nnx.jit, static_argnames=('steps', 'sampler', 'noise_scale', 't_eps',
                                              'cfg_scale', 'cfg_interval', 'cfg_interval_open',
-                                             'span', 'layout'))
+                                             'span', 'layout', 'clip'))
 def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_scale: float,
                    t_eps: float, cfg_scale: float, cfg_interval: tuple[float, float],
                    cfg_interval_open: bool, span: tuple[int, int] | None,
-                   layout: tuple[str, int]) -> jax.Array:
+                   layout: tuple[str, int], noise_BTP: jax.Array | None,
+                   clip: bool) -> jax.Array:
   """The sampler loop as one program; span = (start, stop) runs it on cached prompt slots."""
   clean = objectives.to_unit_range(batch['patches'])
   start, stop = span or (0, clean.shape[1])
@@ -125,7 +130,9 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
     return (x_hat - x) / jnp.maximum(1.0 - t, t_eps)
 
   # Drawn for every slot, so a cached and an uncached run from one key share their noise.
-  noise = jax.random.normal(key, clean.shape, jnp.float32)[:, start:stop] * noise_scale
+  if noise_BTP is None:
+    noise_BTP = jax.random.normal(key, clean.shape, jnp.float32)
+  noise = noise_BTP[:, start:stop] * noise_scale
   if cfg_scale != 1.0:  # both branches start from the same noise
     half, _ = jnp.split(noise, 2, axis=0)
     noise = jnp.concatenate([half, half], axis=0)
@@ -151,7 +158,8 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
     _, x = euler(steps - 1, carry)
   # Only generated tokens were meant to move; every other slot returns its clean input.
   x = jnp.where(gen[..., None], x, clean_span)
-  return jnp.clip(clean.at[:, start:stop].set(x), -1.0, 1.0)
+  out = clean.at[:, start:stop].set(x)
+  return jnp.clip(out, -1.0, 1.0) if clip else out
 
 
 def _sample_token(logits_BV, key, temperature: float) -> jax.Array:

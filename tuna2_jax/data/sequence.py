@@ -123,7 +123,9 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
   positions = np.arange(length, dtype=np.int32)
   pos3 = np.repeat(positions[:, None], 3, axis=1)
   patch_grid = np.zeros((length, 4), np.int32)
-  patches = np.zeros((length, pdim), np.uint8)
+  # uint8 from the data pipeline; float pixels (tests, references) keep their type.
+  pixel_dtype = next((p.pixels.dtype for p in pieces if isinstance(p, Image)), np.uint8)
+  patches = np.zeros((length, pdim), pixel_dtype)
   offset, span = 0, 0
   for piece, n in zip(pieces, lengths):
     sl = slice(offset, offset + n)
