@@ -208,3 +208,155 @@ def test_flow_block_norm_eps_is_checked(changes):
   good = run_block(inputs, params, official_head())[0]
   bad = run_block(inputs, params, official_head(**changes))[0]
   assert np.abs(good - bad).max() > 1e-3, changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Final layer and the official pixel layout
+
+
+def test_final_layer_and_unpatchify_match_official():
+  d = ref('final_layer')
+  head_cfg = config_lib.official_flow_head(1, 4, 2, 16, 32, (4, 6, 6))
+  m = model_config(head_cfg)
+  head = FlowHead(64, head_cfg, patch_dim=48, time_embed=None, impl='dense', remat='none',
+                  rngs=nnx.Rngs(0))
+  sources = {k: v for k, v in tuna2.plan(m).items() if k.startswith('head/final_') or
+             k.startswith('head/out/')}
+  load_params(head, d, sources, 'head/', 'diffusion_head_b.',
+              keep=tuple(p for p in hf_folder.flat_paths(nnx.state(head, nnx.Param))
+                         if p.startswith('blocks/')))
+  batch, c = block_inputs(d)
+  out = np.asarray(head.final(jnp.asarray(d['hidden_states']), c, batch['span_ids'] > 0))
+  np.testing.assert_allclose(out, d['output'], atol=1e-5)
+  image = d['image'][:, :, 0].transpose(0, 2, 3, 1)  # [N, C, T, H, W] -> [N, H, W, C]
+  for r, (offset, _) in enumerate(d['modality_positions'][:, 0]):
+    tokens = d['output'][r, offset + 1:offset + 17]
+    np.testing.assert_array_equal(tokens, d['image_tokens'][r])
+    np.testing.assert_array_equal(seq.unpatchify_strips(tokens, 16, 16, 4), image[r])
+    np.testing.assert_array_equal(seq.strips(image[r], 4), tokens)
+  # On device the strips become blocks, whose exact unpatchify is the official image.
+  blocks = np.asarray(objectives.prediction_blocks(jnp.asarray(d['output']), batch,
+                                                   'official', 4))
+  for r, (offset, _) in enumerate(d['modality_positions'][:, 0]):
+    np.testing.assert_array_equal(seq.unpatchify(blocks[r, offset + 1:offset + 17], 16, 16, 4),
+                                  image[r])
+    assert not np.array_equal(seq.unpatchify(d['image_tokens'][r], 16, 16, 4), image[r])
+
+
+def jit_loss_batch(d: dict):
+  """The reference's training rows, laid out by data/sequence.py with the official layout."""
+  tok = d['text_tokens']
+  rows = []
+  for r in range(tok.shape[0]):
+    image = d['x'][r, :, 0].transpose(1, 2, 0)  # [C, H, W] -> [H, W, C], in [-1, 1]
+    pieces = [seq.Text(tok[r, :5].tolist()), seq.Image(image, generate=True),
+              seq.Text(tok[r, 9:].tolist())]
+    rows.append(seq.assemble(pieces, 't2i', img_id=54, patch_size=16, pixel_layout='official'))
+  return {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in seq.FIELDS}
+
+
+def test_jit_noising_and_loss_match_official():
+  d = ref('jit_loss')
+  t = d['t'][:, None, None, None, None]
+  e = d['noise_scale'] * d['noise_unit']
+  x_t = objectives.interpolate(jnp.asarray(d['x']), jnp.asarray(t[..., 0]), jnp.asarray(e))
+  np.testing.assert_allclose(x_t, d['x_t'], atol=1e-6)
+
+  batch = jit_loss_batch(d)
+  np.testing.assert_array_equal(batch['tokens'][:, :5], d['text_tokens'][:, :5])
+  span = np.asarray(batch['span_ids'] > 0)
+  np.testing.assert_array_equal(span, d['image_masks_input'])  # time token + 3 of 4 patches
+  target_BT = batch['gen_mask'] & batch['is_patch']
+  np.testing.assert_array_equal(target_BT, d['loss_token_mask'])
+  x = batch['patches'].astype(jnp.float32)
+  target = objectives.flow_target(x, batch, 'official', 16)
+  np.testing.assert_array_equal(np.where(target_BT[..., None], target, 0), d['target_tokens'])
+  t_BT = jnp.where(batch['span_ids'] > 0, jnp.asarray(d['t'])[:, None], 1.0)
+  loss, count = objectives.flow_loss(jnp.asarray(d['x0_pred_tokens']), target, t_BT, target_BT,
+                                     float(d['t_eps']))
+  np.testing.assert_allclose(loss, d['loss'], rtol=1e-6)
+  assert count == 6
+  # The exact layout compares each token with its own block, which is not the official target.
+  exact = objectives.flow_loss(jnp.asarray(d['x0_pred_tokens']), x, t_BT, target_BT, 0.05)[0]
+  assert abs(float(exact) - float(d['loss'])) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Omni mask
+
+
+def test_omni_mask_matches_official():
+  d = ref('omni_mask')
+  length = int(d['seq_len'])
+  spans = [[tuple(map(int, s)) for s in row if s[0] >= 0 and s[1] > 0]
+           for row in d['modality_positions']]
+  batch = span_batch(length, spans, grid=2)
+  info = attn_lib.MaskInfo(*(jnp.asarray(batch[k]) for k in
+                             ('segment_ids', 'positions', 'span_ids')))
+  np.testing.assert_array_equal(attn_lib.omni_mask(info, info), d['allowed'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler with CFG
+
+
+class ToyInner(nnx.Module):
+  """The reference README's toy model: conditional rows x0 = 0.5 z + 0.2 t, unconditional
+  rows x0 = 0.25 z - 0.1 (the batch holds the conditional rows, then the unconditional)."""
+
+  def __call__(self, batch, x_BTP, t_BT):
+    cond = (jnp.arange(x_BTP.shape[0]) < x_BTP.shape[0] // 2)[:, None, None]
+    t = t_BT[..., None]
+    return None, jnp.where(cond, 0.5 * x_BTP + 0.2 * t, 0.25 * x_BTP - 0.1)
+
+
+@pytest.mark.parametrize('run,sampler,steps,interval', [
+    ('euler4', 'euler', 4, (0.0, 1.0)), ('heun4', 'heun', 4, (0.0, 1.0)),
+    ('euler4_interval', 'euler', 4, (0.3, 0.8)), ('euler25', 'euler', 25, (0.0, 1.0))])
+def test_sampler_with_cfg_matches_official(run, sampler, steps, interval):
+  d = ref('sampler')
+  p = 8
+  image = d['noise_unit'][0, :, 0].transpose(1, 2, 0)  # [H, W, C]
+  row = seq.assemble([seq.Text([1]), seq.Image(np.zeros((p, p, 3), np.uint8), generate=True)],
+                     't2i', img_id=2, patch_size=p)
+  batch = seq.stack_left_padded([row, row], patch_size=p, pad_id=0)
+  noise = np.zeros(batch['patches'].shape, np.float32)
+  noise[:, 2] = seq.patchify(image, p)[0]
+  out = sampling.sample_images(
+      ToyInner(), batch, jax.random.key(0), steps=steps, sampler=sampler,
+      noise_scale=float(d['noise_scale']), t_eps=0.05, cfg_scale=float(d['guidance_scale']),
+      cfg_interval=interval, cfg_interval_open=True, prompt_cache=False,
+      noise_BTP=jnp.asarray(noise), clip=False)
+  final = seq.unpatchify(np.asarray(out[0, 2:3]), p, p, p)
+  np.testing.assert_allclose(final, d[f'{run}.final'][0, :, 0].transpose(1, 2, 0), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(out[1]))  # both halves guided
+
+
+def test_cfg_interval_openness():
+  t = jnp.asarray([0.0, 0.3, 0.5, 0.8, 1.0])
+  np.testing.assert_array_equal(sampling.in_cfg_interval(t, (0.3, 0.8), True),
+                                [False, False, True, False, False])
+  np.testing.assert_array_equal(sampling.in_cfg_interval(t, (0.3, 0.8), False),
+                                [False, True, True, True, False])
+  np.testing.assert_array_equal(sampling.in_cfg_interval(t, (0.0, 1.0), True),
+                                [True, True, True, True, False])
+
+
+def test_heun_calls_the_model_2s_minus_1_times():
+  """Heun over S steps runs the model 2 S - 1 times (the last step is Euler), as the official
+  sampler does, counted at run time."""
+  calls = []
+
+  class Counting(ToyInner):
+    def __call__(self, batch, x_BTP, t_BT):
+      jax.debug.callback(lambda: calls.append(1), ordered=True)
+      return super().__call__(batch, x_BTP, t_BT)
+
+  row = seq.assemble([seq.Text([1]), seq.Image(np.zeros((8, 8, 3), np.uint8), generate=True)],
+                     't2i', img_id=2, patch_size=8)
+  batch = seq.stack_left_padded([row], patch_size=8, pad_id=0)
+  out = sampling.sample_images(Counting(), batch, jax.random.key(0), steps=4, sampler='heun',
+                               prompt_cache=False)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert len(calls) == 7
