@@ -395,8 +395,9 @@ def official_tensors(flat: dict[str, jax.Array], model: ml_collections.ConfigDic
     shape = tuple(x.shape)[1 if src.stacked else 0:]
     theirs = official_shape(src.kind, shape)
     for i, name in enumerate(src.names):
-      yield name, theirs, (lambda x=x, i=i, src=src, theirs=theirs: to_official(
-          src.kind, np.asarray(jax.device_get(x[i] if src.stacked else x), np.float32), theirs))
+      yield name, theirs, (lambda x=x, i=i, src=src, theirs=theirs: np.ascontiguousarray(
+          to_official(src.kind, np.array(jax.device_get(x[i] if src.stacked else x),
+                                         np.float32), theirs)))
 
 
 def _write_safetensors(path: str, tensors) -> None:
