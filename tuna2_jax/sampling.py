@@ -110,7 +110,8 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
   clean = objectives.to_unit_range(batch['patches'])
   start, stop = span or (0, clean.shape[1])
   gen = batch['gen_mask'][:, start:stop]
-  span_batch = {k: batch[k][:, start:stop] for k in ('patch_grid', 'is_patch')}
+  span_batch = ({k: batch[k][:, start:stop] for k in ('patch_grid', 'is_patch')}
+                if layout[0] == 'official' else None)
   clean_span = clean[:, start:stop]
   caches = model.prefill(batch, start, stop) if span else None
   # Parameters travel in the loop carry: nnx rebuilds the model at the loop's trace level.
