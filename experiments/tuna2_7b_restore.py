@@ -15,7 +15,8 @@ Recipe: AdamW lr 2e-5, weight decay 0.01, 1000 warm-up steps then constant, EMA 
 compute; streams t2i 0.5 / edit 0.2 / mmu 0.2 / text 0.1; noise_scale 2; understanding images
 noised with probability 0.1 at level up to 0.1; every official convention, the official pixel
 layout and vocabulary (151669 rows: Qwen2.5's 151665 tokens and the official [PAD], <image>,
-<|vid_start|>, <|vid_end|>). The official mask token (DeTok) draws a ratio from U(-0.7, 0.3)
+<|vid_start|>, <|vid_end|>) and the official tokenizer's special tokens (bos <|im_start|>, eos
+<|im_end|>, pad [PAD], image <|vision_start|> <|image_pad|>... <|vision_end|>). The official mask token (DeTok) draws a ratio from U(-0.7, 0.3)
 and masks when it is positive: here 0.3 of the samples, ratio up to 0.3, from the first step.
 
 Args: runlocal=True shrinks it for a smoke run with the same structure.
@@ -32,6 +33,9 @@ from tuna2_jax import config_lib  # noqa: E402
 
 # len(Qwen2.5 tokenizer) + the official added tokens: the official checkpoints' embedding rows.
 OFFICIAL_VOCAB = 151_669
+# The roles' tokens in the official Tuna-2 tokenizer (Qwen2.5's, [PAD] appended after it).
+OFFICIAL_SPECIAL_TOKENS = dict(bos='<|im_start|>', eos='<|im_end|>', pad='[PAD]',
+                               boi='<|vision_start|>', eoi='<|vision_end|>', img='<|image_pad|>')
 
 
 def restore(c, runlocal: bool):
@@ -39,6 +43,8 @@ def restore(c, runlocal: bool):
   c.model.update(config_lib.OFFICIAL_MODEL)
   c.sampling.update(config_lib.OFFICIAL_SAMPLING)
   c.init.required = not runlocal
+  if not runlocal:  # the official tokenizer's ids (Qwen2.5 + its added [PAD])
+    c.data.special_tokens.update(OFFICIAL_SPECIAL_TOKENS)
   c.data.weights.update(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)
   c.optim.update(lr=2e-5, weight_decay=0.01, warmup_steps=1_000, schedule='constant',
                  ema_decay=0.9999)

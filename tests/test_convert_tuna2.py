@@ -185,3 +185,23 @@ def test_a_pickled_object_is_refused_by_weights_only(tmp_path):
     tuna2.import_checkpoint(file, config, str(out))
   assert file in str(err.value) and 'weights_only=True' in str(err.value)
   assert not out.exists()
+
+
+def test_named_special_tokens_take_the_official_ids(tmp_path):
+  """The restore configs name the official tokenizer's role tokens; a named token the
+  tokenizer lacks ([PAD]) comes right after its vocabulary, not after the model's rows."""
+  from test_tokenizers import _qwen_like
+
+  from tuna2_jax.data.tokenizer import Tokenizer
+  base = _qwen_like(tmp_path, model_rows=512)
+  names = dict(bos='<|im_start|>', eos='<|im_end|>', pad='[PAD]', boi='<|endoftext|>',
+               eoi='<|im_end|>', img='<|im_start|>')
+  tok = Tokenizer.load(str(tmp_path), names)
+  n = base.get_vocab_size(with_added_tokens=True)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (base.token_to_id('<|im_start|>'),
+                                                  base.token_to_id('<|im_end|>'), n)
+  assert tok.boi_id == base.token_to_id('<|endoftext|>') and tok.vocab_size == n + 1
+  restore = load_experiment('tuna2_7b_restore')
+  assert dict(restore.data.special_tokens) == dict(
+      bos='<|im_start|>', eos='<|im_end|>', pad='[PAD]', boi='<|vision_start|>',
+      eoi='<|vision_end|>', img='<|image_pad|>')

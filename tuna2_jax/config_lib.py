@@ -222,6 +222,10 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
   c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
+  # Tokens of the sequence format's roles ('' = the tokenizer's own, else appended ones);
+  # Hugging Face tokenizers only (data/tokenizer.py).
+  c.data.special_tokens = ml_collections.ConfigDict(dict(bos='', eos='', pad='', boi='', eoi='',
+                                                         img=''))
 
   c.objective = ml_collections.ConfigDict(dict(
       text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
