@@ -16,8 +16,9 @@ compute; streams t2i 0.5 / edit 0.2 / mmu 0.2 / text 0.1; noise_scale 2; underst
 noised with probability 0.1 at level up to 0.1; every official convention, the official pixel
 layout and vocabulary (151669 rows: Qwen2.5's 151665 tokens and the official [PAD], <image>,
 <|vid_start|>, <|vid_end|>) and the official tokenizer's special tokens (bos <|im_start|>, eos
-<|im_end|>, pad [PAD], image <|vision_start|> <|image_pad|>... <|vision_end|>). The official mask token (DeTok) draws a ratio from U(-0.7, 0.3)
-and masks when it is positive: here 0.3 of the samples, ratio up to 0.3, from the first step.
+<|im_end|>, pad [PAD], image <|vision_start|> <|image_pad|>... <|vision_end|>). The official
+mask token (DeTok) draws a ratio from U(-0.7, 0.3) and masks when it is positive: here 0.3 of
+the samples, ratio up to 0.3, from the first step.
 
 Args: runlocal=True shrinks it for a smoke run with the same structure.
 """

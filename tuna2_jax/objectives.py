@@ -56,7 +56,8 @@ def add_noise(key, x_BTP, t_BT, noise_scale: float) -> tuple[jax.Array, jax.Arra
   return interpolate(x_BTP, t_BT, e_BTP), e_BTP
 
 
-def official_source_slots(patch_grid_BT4, p: int, *, to_strips: bool) -> tuple[jax.Array, jax.Array]:
+def official_source_slots(patch_grid_BT4, p: int, *,
+                          to_strips: bool) -> tuple[jax.Array, jax.Array]:
   """(slot [B, T, P], entry [B, T, P]) that each patch token's entries come from when moving
   pixels between the two layouts of model.pixel_layout (P = p*p*3, channels minor).
 
