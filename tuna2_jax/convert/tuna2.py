@@ -438,6 +438,10 @@ def export_workdir(workdir: str, output: str, use_ema: bool = True) -> str:
   from tuna2_jax import train_state
   from tuna2_jax.convert import init_from
   config = train_state.load_config(workdir)
+  differences = convention_differences(config)
+  if differences:
+    logging.warning('the run differs from the official conventions, so the official code will '
+                    'not compute what it does:\n  %s', '\n  '.join(differences))
   _, flat_abstract, flat_shardings = _abstract_and_shardings(config)
   flat, _ = init_from.workdir_params(workdir, flat_abstract, flat_shardings,
                                      item='ema' if use_ema else 'params', where='--workdir')
