@@ -61,17 +61,20 @@ def test_every_official_7b_name_maps_one_to_one(name, vision, count, elements):
         tuna2.plan(stage.model), hf_folder.flat_paths(train_state.abstract_model(stage)[1])))
 
 
-@pytest.fixture(scope='module', params=['patch', 'encoder'])
-def trained(request):
+def tiny(vision: str):
   """(config, {path: array}) of a tiny official-convention model with random parameters."""
-  config = load_experiment('tuna2_7b_restore', 'runlocal=True')
-  if request.param == 'encoder':
-    config = load_experiment('tuna_r_7b_restore', 'runlocal=True')
+  config = load_experiment('tuna2_7b_restore' if vision == 'patch' else 'tuna_r_7b_restore',
+                           'runlocal=True')
   config.model.attention = 'dense'
   model = train_state.build_model(config)
   perturbed_params(model)
   from flax import nnx
   return config, hf_folder.flat_paths(nnx.state(model, nnx.Param))
+
+
+@pytest.fixture(scope='module', params=['patch', 'encoder'])
+def trained(request):
+  return tiny(request.param)
 
 
 def _read_back(directory: str, config) -> dict[str, np.ndarray]:
@@ -205,3 +208,22 @@ def test_named_special_tokens_take_the_official_ids(tmp_path):
   assert dict(restore.data.special_tokens) == dict(
       bos='<|im_start|>', eos='<|im_end|>', pad='[PAD]', boi='<|vision_start|>',
       eoi='<|vision_end|>', img='<|image_pad|>')
+
+
+def test_the_command_refuses_with_one_error_line(tmp_path):
+  """`python -m tuna2_jax.convert.tuna2` reports a bad checkpoint as one `error:` line."""
+  import subprocess
+  import sys
+  _, file = _exported(tiny('patch'), tmp_path)
+  other = 'tuna_r_7b_restore'
+  out = tmp_path / 'out'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
+  run = subprocess.run(
+      [sys.executable, '-m', 'tuna2_jax.convert.tuna2', f'--checkpoint={file}',
+       f'--config={root}/experiments/{other}.py:runlocal=True', f'--output={out}'],
+      capture_output=True, text=True, env=env, cwd=root, timeout=300)
+  assert run.returncode == 2, run.stderr[-2000:]
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and file in last and 'Nothing was written' in last
+  assert not out.exists()

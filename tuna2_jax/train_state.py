@@ -103,7 +103,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
-def _has_ema(workdir: str) -> bool:
+def has_ema(workdir: str) -> bool:
   """Whether the latest checkpoint's state holds an EMA (False also when there is none)."""
   import os
 
@@ -134,7 +134,7 @@ def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
   flat = hf_folder.flat_paths(abstract)
   shardings = hf_folder.flat_paths(sharding.tree_shardings(abstract, mesh,
                                                            config.sharding_rules))
-  item = 'ema' if use_ema and _has_ema(workdir) else 'params'
+  item = 'ema' if use_ema and has_ema(workdir) else 'params'
   loaded, step = init_from.workdir_params(workdir, flat, shardings, item=item, where=workdir)
   params = jax.tree_util.tree_map_with_path(lambda p, _: loaded[hf_folder.path_name(p)],
                                             abstract)

@@ -434,7 +434,8 @@ def export(flat: dict[str, jax.Array], model: ml_collections.ConfigDict, output:
 
 
 def export_workdir(workdir: str, output: str, use_ema: bool = True) -> str:
-  """Exports a training workdir's latest EMA (or raw) parameters; see `export`."""
+  """Exports a training workdir's latest EMA (or raw) parameters; see `export`. A workdir
+  without an EMA (an import) exports its parameters."""
   from tuna2_jax import train_state
   from tuna2_jax.convert import init_from
   config = train_state.load_config(workdir)
@@ -444,7 +445,8 @@ def export_workdir(workdir: str, output: str, use_ema: bool = True) -> str:
                     'not compute what it does:\n  %s', '\n  '.join(differences))
   _, flat_abstract, flat_shardings = _abstract_and_shardings(config)
   flat, _ = init_from.workdir_params(workdir, flat_abstract, flat_shardings,
-                                     item='ema' if use_ema else 'params', where='--workdir')
+                                     item='ema' if use_ema and train_state.has_ema(workdir)
+                                     else 'params', where='--workdir')
   return export(flat, config.model, output)
 
 
