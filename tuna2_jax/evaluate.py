@@ -78,7 +78,8 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
     x = sampling.sample_images(
         model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
         noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
-        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval))
+        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
+        cfg_interval_open=bool(s.cfg_interval_open))
     x = sharding.to_host(x)
     target = batch['gen_mask'] & batch['is_patch']
     for b in range(n):

@@ -84,7 +84,8 @@ def _rows(config: ml_collections.ConfigDict, tok: Tokenizer, task: str, spec: st
                                  max_text_chars=data.max_text_chars,
                                  max_image_pixels=data.max_image_pixels)
   samples = items.map_with_index(pipeline.SampleMaker(
-      loader, tok, p, config.seq_len, 0.0, config.seed, seq.TASK_IDS[task]))
+      loader, tok, p, config.seq_len, 0.0, config.seed, seq.TASK_IDS[task],
+      pixel_layout=config.model.pixel_layout))
   it = samples.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                                  prefetch_buffer_size=data.read_buffer))
   yield from packing.FirstFitPackIterDataset(it, seq_len=config.seq_len, num_bins=data.pack_bins,

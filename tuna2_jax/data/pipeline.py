@@ -69,7 +69,8 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
   while misfits < _MAX_MISFITS:
     ex = draw_shapes_example(rng, names[rng.choice(len(names), p=probs)], config.data)
     drop = rng.random() < config.objective.caption_dropout
-    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop)
+    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop,
+                             pixel_layout=config.model.pixel_layout)
     n = len(s['tokens'])
     if n > config.seq_len:
       raise ValueError(f'a {ex["task"]} sample has {n} tokens, more than seq_len='
@@ -118,6 +119,7 @@ class SampleMaker:
   stream: int
   fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
                                                   compare=False, repr=False)
+  pixel_layout: str = 'exact'  # model.pixel_layout: 'official' lays spans out as its training
 
   def sample(self, index: int, item, may_drop_prompt: bool = True) -> dict:
     """The formatted sample; raises records.Fault (with `where` set) when it is skipped.
@@ -130,7 +132,8 @@ class SampleMaker:
     try:
       where, ex = self.loader(item)
       drop = may_drop_prompt and rng.random() < self.caption_dropout
-      s = tasks.format_example(ex, self.tok, self.patch_size, drop_prompt=drop)
+      s = tasks.format_example(ex, self.tok, self.patch_size, drop_prompt=drop,
+                               pixel_layout=self.pixel_layout)
     except records.Fault:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -214,7 +217,8 @@ def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: T
   if spec != SHAPES_SPEC:  # shapes items are endless and already random
     items = items.shuffle(seed=config.seed * 1000 + stream).repeat()
   maker = SampleMaker(loader, tok, config.model.patch_size, config.seq_len,
-                      config.objective.caption_dropout, config.seed, stream)
+                      config.objective.caption_dropout, config.seed, stream,
+                      pixel_layout=config.model.pixel_layout)
   return items, count, maker
 
 

@@ -84,10 +84,12 @@ def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[se
   raise ValueError(f'task {task!r}: expected one of {tuple(seq.TASK_IDS)}')
 
 
-def format_example(ex: dict, tok: Tokenizer, patch_size: int, *,
-                   drop_prompt: bool = False) -> dict:
+def format_example(ex: dict, tok: Tokenizer, patch_size: int, *, drop_prompt: bool = False,
+                   pixel_layout: str = 'exact') -> dict:
+  """A training sample; pixel_layout 'official' lays its spans out as official training does
+  (data/sequence.py)."""
   return seq.assemble(to_pieces(ex, tok, drop_prompt=drop_prompt), ex['task'],
-                      img_id=tok.img_id, patch_size=patch_size)
+                      img_id=tok.img_id, patch_size=patch_size, pixel_layout=pixel_layout)
 
 
 def generation_prompt(prompt: str, tok: Tokenizer, image_hw: tuple[int, int], patch_size: int,

@@ -52,19 +52,25 @@ class Tokenizer(abc.ABC):
   img_id: int
 
   @staticmethod
-  def load(path: str | None = None) -> 'Tokenizer':
+  def load(path: str | None = None, special: dict | None = None) -> 'Tokenizer':
     """'' or None: the shipped model; a .model file: SentencePiece; a tokenizer.json or a folder
-    holding one: Hugging Face."""
+    holding one: Hugging Face. special: {role: token} naming the tokens of roles bos, eos, pad,
+    boi, eoi, img ('' = the tokenizer's own, or an appended one); Hugging Face only."""
     path = path or SHIPPED_MODEL
+    named = {k: v for k, v in (special or {}).items() if v}
     if path.endswith('.json') or epath.Path(path).is_dir():
-      return HFTokenizer.load(path)
+      return HFTokenizer.load(path, **named)
+    if named:
+      raise ValueError(f'data.special_tokens {named} name tokens, which only a Hugging Face '
+                       f'tokenizer supports; {path!r} is a SentencePiece model')
     return SentencePieceTokenizer.load(path)
 
   @staticmethod
   def for_config(config) -> 'Tokenizer':
     """The tokenizer a run's config names (config_lib.tokenizer_path: data.tokenizer, else the
     pretrained decoder's or the previous stage's, else the shipped model)."""
-    return Tokenizer.load(config_lib.tokenizer_path(config) or None)
+    return Tokenizer.load(config_lib.tokenizer_path(config) or None,
+                          dict(config.data.get('special_tokens') or {}))
 
   @property
   @abc.abstractmethod
@@ -210,27 +216,33 @@ class HFTokenizer(Tokenizer):
   bos / eos / pad are the named tokens when the tokenizer has them (tokenizer_config.json beside
   it names them); every special token it lacks, and the image markers, get ids after its
   vocabulary, from first_added_id on when that is larger (the model's embedding rows), in the
-  order bos, eos, pad, <boi>, <eoi>, <img>.
+  order bos, eos, pad, <boi>, <eoi>, <img>. boi / eoi / img may name tokens too; `appended`
+  names tokens the tokenizer lacks that are added right after its vocabulary, as the official
+  Tuna-2 tokenizer adds its [PAD].
   """
 
   def __init__(self, tokenizer, *, bos: str | None = None, eos: str | None = None,
-               pad: str | None = None, first_added_id: int = 0, name: str = '<memory>',
-               chat_template: str | None = None):
+               pad: str | None = None, boi: str | None = None, eoi: str | None = None,
+               img: str | None = None, appended: tuple[str, ...] = (), first_added_id: int = 0,
+               name: str = '<memory>', chat_template: str | None = None):
     self._tok = tokenizer
     self._chat_template = chat_template or None
     self._template_tokens = {f'{role}_token': token or '' for role, token in
                              (('bos', bos), ('eos', eos), ('pad', pad))}
     self._base = tokenizer.get_vocab_size(with_added_tokens=True)
-    next_id = max(self._base, first_added_id)
     self._added: dict[int, str] = {}
+    own = {t: self._base + i for i, t in enumerate(appended)}
+    self._added.update({i: t for t, i in own.items()})
+    next_id = self._base + len(own)
     ids = {}
-    for role, token in (('bos', bos), ('eos', eos), ('pad', pad), ('boi', None), ('eoi', None),
-                        ('img', None)):
+    for role, token in (('bos', bos), ('eos', eos), ('pad', pad), ('boi', boi), ('eoi', eoi),
+                        ('img', img)):
       if token is not None:
-        ids[role] = tokenizer.token_to_id(token)
+        ids[role] = own.get(token, tokenizer.token_to_id(token))
         if ids[role] is None:
           raise ValueError(f'tokenizer {name!r} has no token {token!r} (its {role} token)')
       else:
+        next_id = max(next_id, first_added_id)
         ids[role] = next_id
         self._added[next_id] = {'boi': BOI, 'eoi': EOI, 'img': IMG}.get(role, f'<{role}>')
         next_id += 1
@@ -241,8 +253,12 @@ class HFTokenizer(Tokenizer):
     self.boi_id, self.eoi_id, self.img_id = ids['boi'], ids['eoi'], ids['img']
 
   @classmethod
-  def load(cls, path: str) -> 'HFTokenizer':
-    """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json)."""
+  def load(cls, path: str, **named: str) -> 'HFTokenizer':
+    """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json).
+
+    named: {role: token} overriding tokenizer_config.json's; a named token the tokenizer lacks
+    is appended right after its vocabulary.
+    """
     import tokenizers
     given = epath.Path(path)
     folder, file = (given, given / HF_TOKENIZER_FILE) if given.is_dir() else (given.parent, given)
@@ -258,8 +274,11 @@ class HFTokenizer(Tokenizer):
     rows = 0
     if (folder / 'config.json').is_file():
       rows = int(json.loads((folder / 'config.json').read_text()).get('vocab_size') or 0)
-    return cls(tokenizers.Tokenizer.from_str(file.read_text()), first_added_id=rows,
-               name=os.fspath(file), chat_template=template, **special)
+    tok = tokenizers.Tokenizer.from_str(file.read_text())
+    special.update(named)
+    appended = tuple(dict.fromkeys(t for t in named.values() if tok.token_to_id(t) is None))
+    return cls(tok, first_added_id=rows, name=os.fspath(file), appended=appended,
+               chat_template=template, **special)
 
   @property
   def vocab_size(self) -> int:
