@@ -216,4 +216,8 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.max_replicated_fraction = 0.02
   # Seconds a process waits at a barrier for the others before failing with their names.
   c.barrier_timeout_s = 600
+  # Optional Weights & Biases sink beside metrics.jsonl and TensorBoard (metrics.WandbSink);
+  # needs the 'wandb' extra. mode: online | offline | disabled; run_id '' = from the workdir.
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project='tuna2_jax', entity='',
+                                           name='', run_id='', mode='online'))
   return c

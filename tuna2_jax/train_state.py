@@ -111,10 +111,11 @@ def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
   abstract, shardings = state_shardings(config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=1,
                                async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints')
-  state, _, _ = ckpt.restore(step, with_shardings(abstract, shardings))
+  # A damaged newest step falls back to the newest intact one (logged).
+  found = ckpt.restore_latest(with_shardings(abstract, shardings), require_data=False)
   ckpt.close()
+  if found is None:
+    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints')
+  step, state, _, _ = found
   graphdef, _ = abstract_model(config)
   return nnx.merge(graphdef, state['ema' if use_ema else 'params']), config, step
