@@ -317,9 +317,14 @@ class Checkpointer:
     With async_save the arrays are copied off the devices before this returns and written in the
     background; `wait()` or the next `save` blocks on it.
     """
+    self.wait()  # an earlier asynchronous save's failure stops the run here, named
+    for damaged in self._damaged:  # see the module docstring; also what should_save compares to
+      logging.warning('deleting damaged checkpoint step %d in %s before saving step %d',
+                      damaged, self.directory, step)
+      self._manager.delete(damaged)
+    self._damaged = []
     if not force and not self._manager.should_save(step):
       return False
-    self.wait()  # an earlier asynchronous save's failure stops the run here, named
     signature = shape_signature(state)
     if self._verified is None:
       latest = self.latest_step()
@@ -334,11 +339,6 @@ class Checkpointer:
           '\n  '.join(_mismatches(self._verified, signature)[:_MAX_LISTED]) +
           '\nNothing was written.')
     self._check_free_space(step, state)
-    for damaged in self._damaged:  # see the module docstring: before anything is written
-      logging.warning('deleting damaged checkpoint step %d in %s before saving step %d',
-                      damaged, self.directory, step)
-      self._manager.delete(damaged)
-    self._damaged = []
     items = {_STATE: ocp.args.StandardSave(state)}
     sums = {_STATE: state_checksums(state)}
     if data_state is not None:
