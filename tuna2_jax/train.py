@@ -142,6 +142,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok = validate(config)
   lead = jax.process_index() == 0
   preemption = distributed.PreemptionWatcher()  # a SIGTERM from here on is honoured
+  if distributed.sigterm_received():  # e.g. during start-up: stop before anything is written
+    logging.warning('SIGTERM before training started: exiting; the workdir was not touched')
+    preemption.close()
+    return {}
 
   # --- mesh: every layout check runs here, before any state exists ---
   mesh = sharding.make_mesh(config.mesh)
