@@ -234,8 +234,7 @@ def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, work
   path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
   if jax.process_index() != 0:
     return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  metrics_lib.save_sample_grid(path, images, prompts)
+  metrics_lib.save_sample_grid(path, images, prompts)  # makes the folder (or writes gs://)
   if writer is not None:
     writer.write_image(step, 'samples', np.asarray(images[0]))
   return path
