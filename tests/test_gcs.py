@@ -38,7 +38,6 @@ def gcs_env():
              GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no gRPC bucket-type probe
              GCE_METADATA_HOST='localhost:1', GCE_METADATA_ROOT='localhost:1')  # no metadata server
   env.pop('XLA_FLAGS', None)
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)
   yield env
   server.kill()
   server.wait()

@@ -110,4 +110,5 @@ def test_barrier_timeout_names_the_missing_process():
            for i in range(2)]
   out = _finish(procs[0], timeout=120)
   _finish(procs[1], timeout=120)
-  assert "barrier 'lonely': process 0 waited 3s; processes missing: [1]" in out, out[-2000:]
+  assert ("barrier 'lonely': process 0 waited 3s; not every process arrived (the missing ones "
+          'are among [1])') in out, out[-2000:]
