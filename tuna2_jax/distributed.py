@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import jax
-import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
@@ -30,6 +30,7 @@ COORDINATOR = flags.DEFINE_string(
     'cluster detection (with --num_processes and --process_id).')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of the job (override).')
 PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process, 0..N-1 (override).')
+EXIT_BARRIER_TIMEOUT = 3
 
 
 def _slurm_local_devices() -> list[int] | None:
@@ -71,32 +72,31 @@ def initialize_from_flags() -> None:
 
 
 def barrier(name: str, timeout_s: float) -> None:
-  """Waits until every process reached `name`; raises after timeout_s naming who is missing.
+  """Waits until every process reached `name`; after timeout_s ends this process (exit code
+  EXIT_BARRIER_TIMEOUT) with one line naming the barrier and the processes it waited for.
 
-  Built on public JAX: every process all-gathers its index (a collective that completes only
-  when all have joined) in a helper thread, which this thread waits for with the timeout.
+  Built on public JAX (multihost_utils.sync_global_devices, a device collective). A collective
+  cannot be cancelled, so a watchdog thread reports and exits: raising would leave the process
+  hung in it, or aborting at exit.
   """
   if jax.process_count() == 1:
     return
-  arrived: list[np.ndarray] = []
-  errors: list[BaseException] = []
+  arrived = threading.Event()
+  me, others = jax.process_index(), sorted(set(range(jax.process_count())) - {jax.process_index()})
 
-  def gather():
-    try:
-      arrived.append(np.asarray(multihost_utils.process_allgather(np.int32(jax.process_index()))))
-    except Exception as e:  # reported by the waiting thread
-      errors.append(e)
+  def watchdog():
+    if not arrived.wait(timeout_s):
+      message = (f'barrier {name!r}: process {me} waited {timeout_s:g}s; not every process '
+                 f'arrived (the missing ones are among {others})')
+      logging.error(message)
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      os._exit(EXIT_BARRIER_TIMEOUT)  # pylint: disable=protected-access
 
-  worker = threading.Thread(target=gather, name=f'barrier-{name}', daemon=True)
-  worker.start()
-  worker.join(timeout_s)
-  if errors:
-    raise RuntimeError(f'barrier {name!r}: process {jax.process_index()} failed: '
-                       f'{errors[0]}') from errors[0]
-  if worker.is_alive():
-    others = sorted(set(range(jax.process_count())) - {jax.process_index()})
-    raise RuntimeError(f'barrier {name!r}: process {jax.process_index()} waited {timeout_s:g}s; '
-                       f'not every process arrived (the missing ones are among {others})')
+  threading.Thread(target=watchdog, name=f'barrier-{name}', daemon=True).start()
+  try:
+    multihost_utils.sync_global_devices(name)
+  finally:
+    arrived.set()
 
 
 _SIGNALLED = threading.Event()
