@@ -61,10 +61,6 @@ def exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
-def isdir(path: str) -> bool:
-  return epath.Path(path).is_dir()
-
-
 def makedirs(path: str) -> None:
   """Creates `path` and its parents (a no-op on object stores, which have no folders)."""
   if is_local(path):
