@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,11 @@ def test_wandb_offline_run(tmp_path):
   writer.close()
   runs = list((tmp_path / 'wandb').glob('offline-run-*-tuna2test'))
   assert len(runs) == 1, os.listdir(tmp_path / 'wandb')
-  assert (runs[0] / 'run-tuna2test.wandb').read_bytes().count(b'loss') >= 1
+  record = runs[0] / 'run-tuna2test.wandb'
+  deadline = time.monotonic() + 30  # wandb's service may still be writing after finish()
+  while b'loss' not in record.read_bytes() and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert b'loss' in record.read_bytes()
   assert list((runs[0] / 'files' / 'media' / 'images').glob('samples_1_*.png'))
 
 
