@@ -184,3 +184,18 @@ def test_log_level_hides_library_info_lines_by_default():
   loud = _python(code, '--log_level=info')
   assert 'an info line' in loud.stderr
   assert 'an info line' in _python(code, '--verbosity=0').stderr  # absl's own flag still wins
+
+
+def test_a_data_position_the_pipeline_cannot_take_says_what_to_do():
+  from tuna2_jax import train
+
+  class _Iterator:  # what grain raises for a state saved with another worker count
+    def set_state(self, state):
+      raise KeyError('exhausted')
+
+  config = load_experiment('shapes', 'runlocal')
+  with pytest.raises(ValueError) as err:
+    train._continue_data(_Iterator(), {'workers': []}, 12, config)
+  message = str(err.value)
+  assert 'checkpoint step 12' in message and "KeyError: 'exhausted'" in message
+  assert 'data.worker_count, now 0' in message and 'new workdir' in message
