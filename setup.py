@@ -33,9 +33,14 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5'],
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5',
+                 'gcsfs', 'gcp-storage-emulator', 'wandb'],
         'tfds': ['tensorflow-datasets'],
         'gpu': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
+        # gs:// workdirs: etils.epath's GCS file system (google-cloud-storage comes with it);
+        # orbax's arrays go through tensorstore, which needs nothing more.
+        'gcs': ['gcsfs'],
+        'wandb': ['wandb'],
     },
 )

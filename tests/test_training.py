@@ -182,9 +182,17 @@ def test_other_model_shape_is_refused_and_workdir_untouched(uninterrupted_run):
   other.model.decoder.width = 96
   with pytest.raises(ValueError) as err:
     train.train(other, workdir)
-  assert isinstance(err.value, ckpt_lib.CheckpointMismatchError)
-  message = str(err.value)
-  assert 'shape' in message and '96' in message and workdir in message
+  message = str(err.value)  # refused off the recorded config, before any array is read
+  assert 'model.decoder.width: 64 -> 96' in message and workdir in message
+  assert '--config.model.decoder.width=64' in message
+  assert _file_digests(workdir) == before
+  # Without the recorded config the checkpoint's shapes still refuse it.
+  os.rename(os.path.join(workdir, 'config.json'), os.path.join(workdir, 'hidden.json'))
+  try:
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match='96'):
+      train.train(other, workdir)
+  finally:
+    os.rename(os.path.join(workdir, 'hidden.json'), os.path.join(workdir, 'config.json'))
   assert _file_digests(workdir) == before
 
 

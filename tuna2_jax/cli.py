@@ -6,6 +6,10 @@ Every tool ends with
     flags.DEFINE_...(...)  # here, not at import, so the tools can import each other
     cli.run(main)
 
+Console: `--log_level` (default warning) sets what absl and the libraries that log through it
+(orbax, jax) print; `info` brings back their per-save and per-restore lines. absl's own
+`--verbosity`, when given, wins.
+
 User mistakes are reported as `error: ...` on stderr with exit code 2 and no traceback:
   - a bad flag, a config file that fails to load, or a `--config.a.b=` override of a key the
     config does not have (ml_collections raises that as a KeyError/AttributeError, not a flag
@@ -26,11 +30,15 @@ import sys
 from typing import Callable, NoReturn
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+LOG_LEVELS = {'debug': logging.DEBUG, 'info': logging.INFO, 'warning': logging.WARNING,
+              'error': logging.ERROR}
+_LOG_LEVEL = flags.DEFINE_enum('log_level', 'warning', list(LOG_LEVELS),
+                               'What absl, orbax and jax print to the console.')
 
 
 class InputError(ValueError):
@@ -98,6 +106,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main), reporting user mistakes (see the module docstring) in one line."""
 
   def guarded(argv):
+    set_log_level()
     try:
       main(argv)
     except (app.UsageError, InputError) as e:
@@ -108,6 +117,12 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail(str(e))
 
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def set_log_level() -> None:
+  """Applies --log_level unless absl's --verbosity was given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(LOG_LEVELS[_LOG_LEVEL.value])
 
 
 def config_file(flag_name: str = 'config') -> str:

@@ -54,13 +54,22 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses 'a=1,b=True' (the part after ':' in --config=file.py:...) with typed defaults."""
+  """Parses 'a=1,b=True' (the part after ':' in --config=file.py:...) with typed defaults.
+
+  A bare key of a boolean default means True, as in big_vision: 'runlocal' is 'runlocal=True'.
+  """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
-    if not sep or key not in defaults:
-      raise ValueError(f'config arg {item!r}: expected key=value with key in {sorted(defaults)}')
+    if key not in defaults:
+      raise ValueError(f'config arg {item!r}: unknown key {key!r}; expected one of '
+                       f'{sorted(defaults)}')
     kind = type(defaults[key])
+    if not sep:
+      if kind is not bool:
+        raise ValueError(f'config arg {item!r}: {key} takes a {kind.__name__} value; expected '
+                         f'{key}=<value> (only boolean keys may be given bare)')
+      value = 'true'
     if kind is bool:
       if value.lower() not in ('true', 'false', '1', '0'):
         raise ValueError(f'config arg {key}={value!r}: expected true or false')
@@ -273,4 +282,8 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.max_replicated_fraction = 0.02
   # Seconds a process waits at a barrier for the others before failing with their names.
   c.barrier_timeout_s = 600
+  # Optional Weights & Biases sink beside metrics.jsonl and TensorBoard (metrics.WandbSink);
+  # needs the 'wandb' extra. mode: online | offline | disabled; run_id '' = from the workdir.
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project='tuna2_jax', entity='',
+                                           name='', run_id='', mode='online'))
   return c

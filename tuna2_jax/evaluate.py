@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from tuna2_jax import cli
 from tuna2_jax import heldout
 from tuna2_jax import metrics as metrics_lib
+from tuna2_jax import paths
 from tuna2_jax import sample_grids
 from tuna2_jax import sampling
 from tuna2_jax import sharding
@@ -284,8 +285,8 @@ def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, work
   for tag, path, images, captions, marks in grids:
     scale = sample_grids.grid_scale(images)
     metrics_lib.save_sample_grid(path, images, captions, scale=scale, marks=marks)
-    with open(os.path.splitext(path)[0] + '.json', 'w') as f:
-      json.dump({'step': step, 'captions': captions, 'marks': marks}, f, indent=1)
+    paths.write_text(os.path.splitext(path)[0] + '.json',
+                     json.dumps({'step': step, 'captions': captions, 'marks': marks}, indent=1))
     if writer is not None:
       writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(
           images, captions, scale=scale, marks=marks))
@@ -311,8 +312,7 @@ def main(argv):
     results.update(evaluate(model, tok, config, baseline_model=baseline, sets=sets))
   results.update(heldout.HeldoutLoss(config, tok)(model))
   write_samples(model, tok, config, workdir, step)
-  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  paths.write_text(paths.join(workdir, 'eval.json'), json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 
 

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from tuna2_jax import paths
 from tuna2_jax.data import images as images_lib
 from tuna2_jax.data import records
 from tuna2_jax.data import shapes
@@ -83,8 +84,7 @@ def load_image(config: ml_collections.ConfigDict, path: str) -> np.ndarray:
   """An understanding image, fitted as training images are; records.Fault when it cannot be
   read."""
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths.read_bytes(path)  # local or gs://
   except OSError as e:
     raise records.Fault('missing_image', f'{path}: {e.strerror or e}') from None
   d = config.data
