@@ -199,3 +199,11 @@ def test_a_data_position_the_pipeline_cannot_take_says_what_to_do():
   message = str(err.value)
   assert 'checkpoint step 12' in message and "KeyError: 'exhausted'" in message
   assert 'data.worker_count, now 0' in message and 'new workdir' in message
+
+
+def test_bar_rate_counts_finished_steps_over_a_sliding_window():
+  rate = metrics.RateMeter(window=2)
+  assert rate.add(10.0, 100.0) is None  # one finished step: no interval yet
+  assert rate.add(11.0, 100.0) == pytest.approx(100.0)
+  assert rate.add(12.0, 300.0) == pytest.approx(200.0)  # (100 + 300) tokens over 2 s
+  assert rate.add(16.0, 100.0) == pytest.approx(80.0)  # the first step left the window

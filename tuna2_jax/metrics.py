@@ -6,6 +6,7 @@ run can be read back with `pandas.read_json(path, lines=True)` without TensorBoa
 goes through tuna2_jax.paths, so a workdir may be a gs:// URL.
 """
 
+import collections
 import hashlib
 import io
 import json
@@ -241,6 +242,27 @@ def _format(value: Any) -> str:
     return value
   x = float(value)
   return f'{x:,.0f}' if abs(x) >= 1000 else f'{x:.4g}'
+
+
+class RateMeter:
+  """Tokens per second over the last `window` finished steps (a sliding window)."""
+
+  def __init__(self, window: int = 20):
+    self._marks: collections.deque[tuple[float, float]] = collections.deque(maxlen=window + 1)
+    self._total = 0.0
+
+  def add(self, finished_at: float, tokens: float) -> float | None:
+    """Records a step of `tokens` that finished at `finished_at`; the rate once two are known."""
+    self._total += tokens
+    self._marks.append((finished_at, self._total))
+    return self.rate
+
+  @property
+  def rate(self) -> float | None:
+    if len(self._marks) < 2:
+      return None
+    (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+    return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 class Progress:

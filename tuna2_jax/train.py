@@ -202,7 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Records the data pipeline skipped, by reason: this process's since this run started, and
   # the totals of the runs it resumes (kept in the checkpoints), so the logged counts add up.
   skipped, skipped_before = None, packing.checkpointed_skipped(totals)
-  prev_aux, shown = None, {}
+  prev_aux, prev_tokens, shown = None, 0.0, {}
+  bar_rate = metrics_lib.RateMeter()
   for step in range(start + 1, config.total_steps + 1):
     if step == start + 1 and distributed.sigterm_received():
       logging.warning('SIGTERM before the first step: exiting without training; the workdir is '
@@ -210,7 +211,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       break
     local = next(data_iter)
     skipped = packing.pop_skipped(local, skipped)
-    tokens += float((local['segment_ids'] > 0).sum()) * jax.process_count()
+    step_tokens = float((local['segment_ids'] > 0).sum()) * jax.process_count()
+    tokens += step_tokens
     # Every process's rows have the same layout statistics, so local x process count.
     flops_now = flops.train_step_flops(config.model, local) * jax.process_count()
     step_flops += flops_now
@@ -220,8 +222,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # one is already queued, so the devices never idle for the console.
     if prev_aux is not None:
       shown['loss'] = float(prev_aux['loss'])
-    prev_aux = aux
-    shown['tok/s'] = tokens / max(time.perf_counter() - t0, 1e-9)
+      # That fetch returned when the previous step finished: the bar's rate is over finished
+      # steps, not over dispatches (which return at once).
+      if bar_rate.add(time.perf_counter(), prev_tokens) is not None:
+        shown['tok/s'] = bar_rate.rate
+    prev_aux, prev_tokens = aux, step_tokens
     progress.update(step, shown)
     stop = preemption.should_stop(step)
     if step % config.log_every == 0 or step == config.total_steps or stop:
