@@ -205,9 +205,10 @@ def test_omni_flash_lowers_through_triton_for_gpus():
         q, k, v, info, block_q=48, block_k=48, interpret=False), q, kv, kv)
 
 
-@pytest.mark.parametrize('kind,calls', [('omni', 2 * (1 + 3)), ('span', 2 * 3)])
+@pytest.mark.parametrize('kind,calls', [('omni', 3 * (1 + 3)), ('span', 3 * 3)])
 def test_omni_splash_lowers_through_mosaic_for_tpus(kind, calls):
-  """Every compiled band (512, 1024, 2048 at 2048 slots) lowers forward and backward."""
+  """Every compiled band (512, 1024, 2048 at 2048 slots) lowers forward and backward (the
+  unfused backward: a dq and a dkv kernel per forward call)."""
   info, q, kv = _production_call()
   text = _lower_for('tpu', lambda q, k, v: omni_splash.omni_splash_attention(
       q, k, v, info, kind=kind, interpret=False), q, kv, kv)

@@ -20,8 +20,9 @@ Kernels (config `model.attention`):
               causal kernel and a banded image-span kernel merged by log-sum-exp (splash masks
               are static; the batch's spans arrive as segment ids); Pallas interpret mode on
               CPU for tests. KV-cache calls run dense under it.
-  auto        per backend: omni_flash on GPU, splash on TPU, dense on CPU; a preferred kernel
-              that cannot serve a call falls back to dense with a warning.
+  auto        per backend (the platform of the step's mesh, else jax's default backend):
+              omni_flash on GPU, splash on TPU, dense on CPU; a preferred kernel that cannot
+              serve a call falls back to dense with a warning.
 Naming a kernel the backend or call cannot use raises ValueError instead of falling back.
 """
 
@@ -115,8 +116,12 @@ _warned: set[tuple[str, str]] = set()
 
 def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
                  backend: str | None = None) -> str:
-  """The kernel that runs a call: `impl` itself, or auto's pick for this backend and call."""
-  backend = backend or jax.default_backend()
+  """The kernel that runs a call: `impl` itself, or auto's pick for this backend and call.
+
+  The backend defaults to the platform of the mesh the step is traced for
+  (sharding.target_platform), so a TPU step compiled from a CPU host picks TPU kernels.
+  """
+  backend = backend or sharding.target_platform()
   if impl not in IMPLS:
     raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
   kw = dict(backend=backend, dtype=dtype, head_dim=head_dim)
