@@ -74,6 +74,7 @@ def test_train_step_is_three_forward_passes():
 
 
 @pytest.mark.parametrize('kind, peak', [('NVIDIA H100 80GB HBM3', 989e12), ('TPU v5p', 459e12),
+                                        ('TPU v5', 459e12), ('TPU v5 lite', 197e12),
                                         ('TPU v6 lite', 918e12), ('cpu', None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert flops.peak_flops(kind) == peak

@@ -109,11 +109,12 @@ def train_step_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
 
 
 # Dense bf16 peak FLOP/s per device, by jax device_kind (vendor data sheets); MFU is reported
-# only for these.
+# only for these. The first name contained in the device kind wins: v5p's devices report
+# 'TPU v5', a prefix of v5e's 'TPU v5 lite', so the lite entries come first.
 PEAK_BF16_FLOPS = (
     ('H100', 989e12), ('H200', 989e12), ('A100', 312e12),
-    ('TPU v5p', 459e12), ('TPU v6', 918e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
-    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
+    ('TPU v6', 918e12), ('TPU v4', 275e12),
 )
 
 
