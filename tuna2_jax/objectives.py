@@ -1,7 +1,7 @@
 """Training objectives, kept apart from the networks.
 
-Text: cross-entropy on target tokens only, chunked over tokens so [tokens x vocab] logits are
-never held at once. Flow (JiT-style): t = sigmoid(n), n ~ N(p_mean, p_std); x_t = t x + (1-t) e
+Text: cross-entropy on target tokens only, chunked over each device's tokens so [tokens x vocab]
+logits are never held at once. Flow (JiT-style): t = sigmoid(n), n ~ N(p_mean, p_std); x_t = t x + (1-t) e
 with e ~ N(0, I) * noise_scale; the head predicts x_hat; v_hat = (x_hat - x_t) / max(1 - t,
 t_eps); loss = mean |v_hat - (x - e)|^2 over target patches. Masking: per-sample replacement of
 patch tokens by the mask token.
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tuna2_jax import sharding
 from tuna2_jax.data.sequence import TASK_IDS
 
 
@@ -62,10 +63,26 @@ def flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, t_eps: float) -> tuple[jax.Arra
 
 def text_loss(hidden_BTD, head_DV, targets_BT, loss_mask_BT,
               chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over target tokens, #targets), logits computed chunk by chunk."""
+  """(mean cross-entropy over target tokens, #targets), logits computed chunk by chunk.
+
+  Under a mesh (sharding.activation_sharding) every device chunks its own rows (the batch is
+  split over the mesh): no collective runs per chunk, only one sum of the per-shard totals.
+  """
+  row_axes = ('batch', 'activation_length')
+  per_shard_nll = sharding.per_shard(
+      lambda h, w, y, m: _chunked_nll(h, w, y, m, chunk_size)[None, None],
+      (row_axes + ('activation_embed',), (None, None), row_axes, row_axes), row_axes)
+  total = jnp.sum(per_shard_nll(hidden_BTD, head_DV.astype(hidden_BTD.dtype), targets_BT,
+                                loss_mask_BT.astype(jnp.float32)))
+  count = loss_mask_BT.astype(jnp.float32).sum()
+  return total / jnp.maximum(count, 1.0), count
+
+
+def _chunked_nll(hidden_BTD, head_DV, targets_BT, mask_BT, chunk_size: int) -> jax.Array:
+  """Sum of the masked negative log-likelihoods of all tokens, chunk_size tokens at a time."""
   d = hidden_BTD.shape[-1]
   h_ND = hidden_BTD.reshape(-1, d)
-  y_N, m_N = targets_BT.reshape(-1), loss_mask_BT.reshape(-1).astype(jnp.float32)
+  y_N, m_N = targets_BT.reshape(-1), mask_BT.reshape(-1)
   n = h_ND.shape[0]
   chunk = min(chunk_size, n)
   pad = (-n) % chunk
@@ -74,7 +91,7 @@ def text_loss(hidden_BTD, head_DV, targets_BT, loss_mask_BT,
 
   @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them
   def chunk_nll(h_CD, y_C, m_C):
-    logits = jnp.dot(h_CD, head_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.dot(h_CD, head_DV, preferred_element_type=jnp.float32)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y_C[:, None], 1)[:, 0]
     return jnp.sum(nll * m_C)
 
@@ -84,8 +101,7 @@ def text_loss(hidden_BTD, head_DV, targets_BT, loss_mask_BT,
   shape = (-1, chunk)
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                           (h_ND.reshape(*shape, d), y_N.reshape(shape), m_N.reshape(shape)))
-  count = loss_mask_BT.astype(jnp.float32).sum()
-  return total / jnp.maximum(count, 1.0), count
+  return total
 
 
 def sample_patch_drop(key, batch: dict, masking: ml_collections.ConfigDict,
