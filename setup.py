@@ -32,9 +32,13 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5'],
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5',
+                 'libtpu==0.0.42.*; sys_platform == "linux" and platform_machine == "x86_64"'],
         'tfds': ['tensorflow-datasets'],
         'gpu': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
+        # Compiling for TPU slices from any host (train.py --dry_run_topology): the libtpu that
+        # jax[tpu] pins for jax 0.10.2.
+        'tpu-aot': ['libtpu==0.0.42.*'],
     },
 )
