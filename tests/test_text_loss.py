@@ -98,3 +98,42 @@ def test_no_collective_runs_inside_the_chunk_loop():
   ref_hlo = ref_fn.lower(*args[:2]).compile().as_text()
   # The check can fail: the global chunking has collectives in its loop.
   assert any(re.search(r'all-reduce|all-gather', b) for b in _while_bodies(ref_hlo))
+
+
+@pytest.mark.parametrize('target_share, chunk_size', [(0.0, 5), (0.08, 5), (1.0, 64)])
+def test_target_gather_equals_every_token_loss(target_share, chunk_size):
+  """Sparse targets (a t2i-heavy batch has ~8%), none, all; chunks that do not divide the rows."""
+  mesh = sharding.mesh_from_sizes(fsdp=8)
+  hidden, head, targets, _ = _inputs()
+  mask = (np.random.default_rng(1).uniform(size=targets.shape) < target_share).astype(np.float32)
+  args = (hidden, head, targets, mask)
+  _, (loss, (d_hidden, d_head)) = _loss_and_grads(objectives.text_loss, mesh, args, chunk_size)
+  _, (ref, (ref_hidden, ref_head)) = _loss_and_grads(reference_text_loss, mesh, args,
+                                                     chunk_size)
+  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_hidden), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_head), rtol=1e-5, atol=1e-7)
+  assert not np.any(np.asarray(d_hidden)[mask == 0])
+
+
+def test_lm_head_never_sees_non_target_tokens():
+  """A NaN at a non-target token would poison every-token logits (nan * 0 = nan); gathered
+  targets never read it."""
+  mesh = sharding.mesh_from_sizes(fsdp=8)
+  hidden, head, targets, mask = _inputs()
+  hidden = np.where(mask[..., None] > 0, hidden, np.nan).astype(np.float32)
+  args = (hidden, head, targets, mask)
+  _, (loss, (d_hidden, d_head)) = _loss_and_grads(objectives.text_loss, mesh, args, 16)
+  assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(d_head)))
+  assert np.all(np.isfinite(np.asarray(d_hidden)))
+  _, (ref, _) = _loss_and_grads(reference_text_loss, mesh, args, 16)
+  assert np.isnan(float(ref))  # the check can fail: the every-token loss reads them
+
+
+def test_chunks_without_targets_skip_the_lm_head():
+  mesh = sharding.mesh_from_sizes(fsdp=8)
+  args = _inputs()
+  fn, _ = _loss_and_grads(objectives.text_loss, mesh, args, chunk_size=16)
+  bodies = _while_bodies(fn.lower(*args[:2]).compile().as_text())
+  # forward and backward chunk loops each branch on whether the chunk holds a target
+  assert sum('conditional(' in b for b in bodies) >= 2
