@@ -23,6 +23,7 @@ def test_train_step_benchmark_runs_tuna_r(capsys):
   out = train_step.main(['--config=experiments/tuna2_1_5b.py:runlocal=True,vision=encoder',
                          '--steps=2', '--warmup=1'])
   assert math.isfinite(out['loss']) and out['tokens_per_s'] > 0 and out['step_s'] > 0
+  assert out['hw_tflops_per_device'] >= out['tflops_per_device'] > 0
   printed = capsys.readouterr().out
   assert 'device: cpu' in printed and 'vision=encoder' in printed and 'tokens/s' in printed
 
