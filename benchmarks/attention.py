@@ -6,8 +6,9 @@ r"""Omni-mask attention against causal flash attention, forward and forward+back
 The omni kernel (GPU: kernels/omni_hopper.py on Hopper, kernels/omni_flash.py before it; TPU:
 kernels/omni_splash.py; auto picks as models/attention.py does) runs on the layout of a real
 packed row of the tuna2_1_5b mixture at each length (512 px image spans of 1025 tokens among
-text, several samples per row, benchmarks/packed_batch.py); the baseline runs plain causal attention over the same length:
-cuDNN flash attention on GPU, splash attention's causal kernel on TPU.
+text, several samples per row, benchmarks/packed_batch.py); the baseline runs plain causal
+attention over the same length: cuDNN flash attention on GPU, splash attention's causal kernel
+on TPU.
 
 Rows up to --check_max_len are first checked on the same device against dense attention in
 float32 (output, and q/k/v grads for a random cotangent); a mismatch prints MISMATCH and the
