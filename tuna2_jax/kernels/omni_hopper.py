@@ -21,7 +21,9 @@ from key-major copies made once per call, and each program is one warpgroup; spl
 producer and consumer warpgroups is the next step once the suite measures it on a GPU.
 `problem` names what a call cannot meet. On a CPU the kernels run in Mosaic GPU's interpret
 mode (simulated shared memory, TMA and barriers), which is how the tests check them against
-dense attention; the lowering for sm90 also runs on a CPU host.
+dense attention; the lowering for sm90 also runs on a CPU host. (The interpreter's callbacks
+are ordered effects, which jax.checkpoint cannot partially evaluate: on a CPU the kernels run
+outside remat only.)
 """
 
 from __future__ import annotations
