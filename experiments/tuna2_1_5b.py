@@ -26,9 +26,12 @@ def get_config(arg: str | None = None):
   c = config_lib.base(config_lib.model(
       args.vision, patch_size=16, vocab_size=QWEN_VOCAB + ADDED_SPECIAL_TOKENS,
       dec=config_lib.qwen2_5_1_5b(),
-      head=config_lib.flow_head(16, 24, 6, 64, 8960, rope_split=(16, 24, 24)),
+      head=config_lib.official_flow_head(16, 24, 6, 64, 8960, rope_split=(16, 24, 24)),
       encoder=config_lib.siglip2_so400m_16(max_grid=32)))
   c.model.update(dtype='bfloat16', param_dtype='float32', remat='dots_no_batch')
+  # The official Tuna-2 conventions, with the exact pixel layout of new training.
+  c.model.update(config_lib.OFFICIAL_MODEL, pixel_layout='exact')
+  c.sampling.update(config_lib.OFFICIAL_SAMPLING)
   c.total_steps = 100_000
   c.seq_len = 8192
   c.batch_size = 8

@@ -29,7 +29,7 @@ def model_config(vision: str):
   return config_lib.model(
       vision, patch_size=16, vocab_size=QWEN_VOCAB + ADDED_SPECIAL_TOKENS,
       dec=config_lib.qwen2_5_7b(),
-      head=config_lib.flow_head(16, 56, 14, 64, 18944, rope_split=(16, 24, 24)),
+      head=config_lib.official_flow_head(16, 56, 14, 64, 18944, rope_split=(16, 24, 24)),
       encoder=config_lib.siglip2_so400m_16())
 
 
@@ -37,6 +37,10 @@ def get_config(arg: str | None = None, vision: str = 'patch'):
   args = config_lib.parse_arg(arg, runlocal=False)
   c = config_lib.base(model_config(vision))
   c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
+  # The official model's conventions (README "Official weights"), except the pixel layout: new
+  # training keeps the exact one; tuna2_7b_restore.py (official weights) sets 'official'.
+  c.model.update(config_lib.OFFICIAL_MODEL, pixel_layout='exact')
+  c.sampling.update(config_lib.OFFICIAL_SAMPLING)
   # Stage 1 of the paper: 300k steps, AdamW 1e-4, 16k-token sequences, 7 : 3 gen : und.
   c.total_steps = 300_000
   c.seq_len = 16_384

@@ -24,7 +24,7 @@ BAD_T2I = (
     ('{"image": "images/nope.jpg", "caption": "a red circle."}', 'missing_image'),
     ('{"image": "images/corrupt.jpg", "caption": "a red circle."}', 'bad_image'),
     ('{"image": "../outside.png", "caption": "a red circle."}', 'path_escape'),
-    ('{"image": "/etc/hostname", "caption": "a red circle."}', 'path_escape'),
+    ('{"image": "images/0.jpg\\u0000.png", "caption": "a red circle."}', 'bad_field'),
     (json.dumps({'image': 'images/0.jpg', 'caption': 'a red circle. ' * 40}), 'too_long'),
 )
 

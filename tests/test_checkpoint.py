@@ -73,7 +73,7 @@ def test_relative_workdir(tmp_path, monkeypatch):
   with Checkpointer(os.path.join('runs', 'rel'), keep=2, save_every=1) as ckpt:
     assert ckpt.save(1, state)
   with Checkpointer(os.path.join('runs', 'rel'), keep=2, save_every=1) as ckpt:
-    restored, _, _ = ckpt.restore(ckpt.latest_step(), _abstract(state))
+    restored, _, _ = ckpt.restore(ckpt.latest_step(), _abstract(state), require_data=False)
   _assert_trees_equal(restored, state)
   assert os.path.isdir(tmp_path / 'runs' / 'rel' / 'checkpoints' / '1')
 
@@ -81,7 +81,7 @@ def test_relative_workdir(tmp_path, monkeypatch):
 def test_optional_items_restore_as_none(tmp_path):
   with Checkpointer(str(tmp_path), keep=1, save_every=1, async_save=False) as ckpt:
     ckpt.save(1, _state())
-    _, data_state, meta = ckpt.restore(1, _abstract(_state()))
+    _, data_state, meta = ckpt.restore(1, _abstract(_state()), require_data=False)
   assert data_state is None and meta is None
 
 
@@ -141,7 +141,8 @@ def test_interrupted_save_is_ignored(tmp_path):
     assert data_state == {'next_index': 30}
     assert ckpt.save(6, _state(6.0))  # the resumed run writes step 6 again
     assert ckpt.latest_step() == 6
-    _assert_trees_equal(ckpt.restore(6, _abstract(_state()))[0], _state(6.0))
+    _assert_trees_equal(ckpt.restore(6, _abstract(_state()), require_data=False)[0],
+                        _state(6.0))
 
 
 def test_crash_before_commit_keeps_previous_step(tmp_path, monkeypatch):
@@ -159,7 +160,8 @@ def test_crash_before_commit_keeps_previous_step(tmp_path, monkeypatch):
   assert '2.orbax-checkpoint-tmp' in os.listdir(tmp_path / 'checkpoints')
   with Checkpointer(str(tmp_path), keep=3, save_every=1) as ckpt:
     assert ckpt.latest_step() == 1
-    _assert_trees_equal(ckpt.restore(1, _abstract(_state()))[0], _state(1.0))
+    _assert_trees_equal(ckpt.restore(1, _abstract(_state()), require_data=False)[0],
+                        _state(1.0))
 
 
 def test_restore_onto_other_shardings(tmp_path):
@@ -184,7 +186,7 @@ def test_restore_onto_other_shardings(tmp_path):
     for shardings in targets.values():
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
-      restored, _, _ = ckpt.restore(1, target)
+      restored, _, _ = ckpt.restore(1, target, require_data=False)
       assert restored['w'].sharding == shardings['w']
       np.testing.assert_array_equal(np.asarray(restored['w']), values)
       assert int(restored['step']) == 11

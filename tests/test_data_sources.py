@@ -125,11 +125,11 @@ def test_path_escape_is_rejected(tmp_path):
 
 def test_missing_fields_and_bad_conversations():
   with pytest.raises(records.Fault, match='missing_key'):
-    records.check_fields('edit', {'raw_image': 'a.png', 'instruction': 'x'})
+    records.normalise('edit', {'raw_image': 'a.png', 'instruction': 'x'})
   for conv in ([], [{'from': 'human', 'value': 'hi'}], [{'from': 'robot', 'value': 'x'}],
                [{'from': 'gpt'}], 'hello'):
     with pytest.raises(records.Fault, match='bad_field'):
-      records.check_fields('mmu', {'image': 'a.png', 'conversations': conv})
+      records.normalise('mmu', {'image': 'a.png', 'conversations': conv})
 
 
 @pytest.mark.parametrize('hw,bucket', [((100, 100), (64, 64)), ((60, 100), (48, 80)),
@@ -225,7 +225,7 @@ def test_converter_workers_write_the_same_records_with_the_original_image_bytes(
   for record in (r for recs in shards.values() for r in recs):
     task, fields, blobs, where = records.decode_record(record)
     line = json.loads(lines[int(where.rsplit(':', 1)[1]) - 1])
-    assert task == 't2i' and fields == {'caption': line['caption']}
+    assert task == 't2i' and fields == line  # the JSON record as it was
     with open(os.path.join(root, line['image']), 'rb') as f:
       assert blobs['image'] == f.read()  # the file's bytes, not a re-encode
 

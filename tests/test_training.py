@@ -108,9 +108,9 @@ def test_train_runs_end_to_end_and_writes_its_outputs(uninterrupted_run):
     assert line['loss'] == pytest.approx(line['text_loss'] + line['flow_loss'], rel=1e-5)
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
   assert any(name.startswith('events.out.tfevents') for name in events)
-  samples = os.listdir(os.path.join(workdir, 'samples'))
-  assert samples == ['step_000004.png']
-  assert os.path.getsize(os.path.join(workdir, 'samples', samples[0])) > 0
+  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  assert samples == ['step_000004.json', 'step_000004.png']  # the grid and its captions, marks
+  assert os.path.getsize(os.path.join(workdir, 'samples', samples[1])) > 0
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   saved = json.loads(ckpt_lib.read_config(workdir))
   assert saved['total_steps'] == 4 and saved['model']['decoder']['width'] == 64
@@ -182,9 +182,17 @@ def test_other_model_shape_is_refused_and_workdir_untouched(uninterrupted_run):
   other.model.decoder.width = 96
   with pytest.raises(ValueError) as err:
     train.train(other, workdir)
-  assert isinstance(err.value, ckpt_lib.CheckpointMismatchError)
-  message = str(err.value)
-  assert 'shape' in message and '96' in message and workdir in message
+  message = str(err.value)  # refused off the recorded config, before any array is read
+  assert 'model.decoder.width: 64 -> 96' in message and workdir in message
+  assert '--config.model.decoder.width=64' in message
+  assert _file_digests(workdir) == before
+  # Without the recorded config the checkpoint's shapes still refuse it.
+  os.rename(os.path.join(workdir, 'config.json'), os.path.join(workdir, 'hidden.json'))
+  try:
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match='96'):
+      train.train(other, workdir)
+  finally:
+    os.rename(os.path.join(workdir, 'hidden.json'), os.path.join(workdir, 'config.json'))
   assert _file_digests(workdir) == before
 
 

@@ -6,6 +6,10 @@ Every tool ends with
     flags.DEFINE_...(...)  # here, not at import, so the tools can import each other
     cli.run(main)
 
+Console: `--log_level` (default warning) sets what absl and the libraries that log through it
+(orbax, jax) print; `info` brings back their per-save and per-restore lines. absl's own
+`--verbosity`, when given, wins.
+
 User mistakes are reported as `error: ...` on stderr with exit code 2 and no traceback:
   - a bad flag, a config file that fails to load, or a `--config.a.b=` override of a key the
     config does not have (ml_collections raises that as a KeyError/AttributeError, not a flag
@@ -26,12 +30,15 @@ import sys
 from typing import Callable, NoReturn
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+LOG_LEVELS = {'debug': logging.DEBUG, 'info': logging.INFO, 'warning': logging.WARNING,
+              'error': logging.ERROR}
+_LOG_LEVEL = flags.DEFINE_enum('log_level', 'warning', list(LOG_LEVELS),
+                               'What absl, orbax and jax print to the console.')
 
 
 class InputError(ValueError):
@@ -99,6 +106,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main), reporting user mistakes (see the module docstring) in one line."""
 
   def guarded(argv):
+    set_log_level()
     try:
       main(argv)
     except (app.UsageError, InputError) as e:
@@ -109,6 +117,12 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail(str(e))
 
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def set_log_level() -> None:
+  """Applies --log_level unless absl's --verbosity was given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(LOG_LEVELS[_LOG_LEVEL.value])
 
 
 def config_file(flag_name: str = 'config') -> str:
@@ -122,17 +136,23 @@ def config_file(flag_name: str = 'config') -> str:
   return path
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-  """The image at `path` as uint8 (size, size, 3) RGB, bicubic-resized when it is another size."""
+def read_image(path: str, data) -> np.ndarray:
+  """The image at `path` as uint8 RGB, resized and centre-cropped onto the nearest of the
+  buckets config `data` trains on (the data.image_size square when it has none), exactly as
+  training loads its images (data/images.py), so a non-square image is cropped, never squashed."""
+  from tuna2_jax.data import images, records  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise InputError(f'image {path!r} not found')
   if not os.path.isfile(path):
     raise InputError(f'image {path!r} is not a file')
   try:
-    with Image.open(path) as im:
-      rgb = im.convert('RGB')
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    with open(path, 'rb') as f:
+      blob = f.read()
+    return images.decode_to_bucket(blob, images.buckets_of(data), what=f'image {path!r}',
+                                   resampler=data.get('resize', 'pillow'),
+                                   max_pixels=data.get('max_image_pixels',
+                                                       records.MAX_IMAGE_PIXELS))
+  except OSError as e:
     raise InputError(f'image {path!r} could not be read: {e}') from None
-  if rgb.size != (size, size):
-    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-  return np.asarray(rgb, np.uint8)
+  except records.Fault as e:
+    raise InputError(f'image {path!r} could not be read: {e.detail}') from None

@@ -54,13 +54,22 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses 'a=1,b=True' (the part after ':' in --config=file.py:...) with typed defaults."""
+  """Parses 'a=1,b=True' (the part after ':' in --config=file.py:...) with typed defaults.
+
+  A bare key of a boolean default means True, as in big_vision: 'runlocal' is 'runlocal=True'.
+  """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
-    if not sep or key not in defaults:
-      raise ValueError(f'config arg {item!r}: expected key=value with key in {sorted(defaults)}')
+    if key not in defaults:
+      raise ValueError(f'config arg {item!r}: unknown key {key!r}; expected one of '
+                       f'{sorted(defaults)}')
     kind = type(defaults[key])
+    if not sep:
+      if kind is not bool:
+        raise ValueError(f'config arg {item!r}: {key} takes a {kind.__name__} value; expected '
+                         f'{key}=<value> (only boolean keys may be given bare)')
+      value = 'true'
     if kind is bool:
       if value.lower() not in ('true', 'false', '1', '0'):
         raise ValueError(f'config arg {key}={value!r}: expected true or false')
@@ -80,10 +89,56 @@ def decoder(num_layers, width, num_heads, num_kv_heads, head_dim, mlp_dim, *, ro
 
 
 def flow_head(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, rope_split, *,
-              rope_theta=1e4) -> ml_collections.ConfigDict:
+              rope_theta=1e4, norm_eps=1e-6, qk_norm_eps=1e-6, final_norm_eps=1e-6,
+              text_rope='sectioned', text_rope_theta=1e4, text_rope_scaling=None,
+              text_rope_pairing='half', image_rope_pairing='half', image_rope_origin='sample',
+              time_token_rope=True) -> ml_collections.ConfigDict:
+  """The flow head; the defaults are this project's conventions, `official_flow_head` the
+  official Tuna-2's (README "Official weights").
+
+  rope_theta / rope_split: the image tokens' 3D (t, h, w) rope. text_rope: 'sectioned' (text
+  tokens' 1D position in every section of the image rope) or '1d' (a plain rope over head_dim
+  with text_rope_theta and text_rope_scaling). *_pairing: 'half' (rotate-half, pairs
+  (i, i + K/2)) or 'interleaved' (pairs (2i, 2i+1) rotated by minus the angle).
+  image_rope_origin: 'sample' ((start, start + row, start + col), start = the span's first
+  patch position) or 'image' ((0, row, col), restarting at every image). time_token_rope: the
+  time token gets the text rope (True) or none.
+  """
+  scaling = ml_collections.ConfigDict(dict(kind='none', factor=1.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position=8192))
+  scaling.update(text_rope_scaling or {})
   return ml_collections.ConfigDict(dict(
       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      mlp_dim=mlp_dim, rope_theta=rope_theta, rope_split=tuple(rope_split)))
+      mlp_dim=mlp_dim, rope_theta=rope_theta, rope_split=tuple(rope_split), norm_eps=norm_eps,
+      qk_norm_eps=qk_norm_eps, final_norm_eps=final_norm_eps, text_rope=text_rope,
+      text_rope_theta=text_rope_theta, text_rope_scaling=scaling,
+      text_rope_pairing=text_rope_pairing, image_rope_pairing=image_rope_pairing,
+      image_rope_origin=image_rope_origin, time_token_rope=time_token_rope))
+
+
+# The official Tuna-2 head (facebookresearch/tuna-2 DiffusionHeadConfig and its rope): image
+# tokens 3D rope (16, 24, 24) theta 1e4 as interleaved pairs at (0, row, col); text tokens a 1D
+# llama3-scaled rope, theta 5e5, rotate-half; no rope on the time token; norms 1e-5, q/k 1e-6,
+# final layer 1e-6.
+OFFICIAL_HEAD = dict(
+    rope_theta=1e4, norm_eps=1e-5, qk_norm_eps=1e-6, final_norm_eps=1e-6, text_rope='1d',
+    text_rope_theta=5e5, text_rope_pairing='half', image_rope_pairing='interleaved',
+    image_rope_origin='image', time_token_rope=False,
+    text_rope_scaling=dict(kind='llama3', factor=32.0, low_freq_factor=1.0,
+                           high_freq_factor=4.0, original_max_position=8192))
+# The official model's other conventions: raw t (no x1000), cos first, one time embedder
+# shared by the time tokens and the head; the patch embedding's RMSNorm at float32 machine
+# epsilon (torch RMSNorm eps=None); flat p*p raster strips per output token and training spans
+# without each image's last patch; CFG on lo < t < hi (lo = 0 from the start).
+OFFICIAL_MODEL = dict(time_embed_t_scale=1.0, time_embed_order='cos_sin', time_embed_shared=True,
+                      patch_norm_eps=1.1920928955078125e-07, pixel_layout='official')
+OFFICIAL_SAMPLING = dict(cfg_interval=(0.0, 1.0), cfg_interval_open=True)
+
+
+def official_flow_head(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim,
+                       rope_split) -> ml_collections.ConfigDict:
+  return flow_head(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, rope_split,
+                   **OFFICIAL_HEAD)
 
 
 def vision_encoder(width, num_layers, num_heads, mlp_dim, max_grid, *,
@@ -130,6 +185,14 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.patch_size = patch_size
   m.vocab_size = vocab_size
   m.time_embed_freqs = 256
+  m.time_embed_t_scale = 1000.0  # sinusoids of t_scale * t; official: 1 (raw t)
+  m.time_embed_order = 'cos_sin'  # models/timestep.py ORDERS
+  m.time_embed_max_period = 10_000.0
+  m.time_embed_shared = False  # True (official): one embedder for time tokens and head AdaLN
+  m.patch_norm_eps = 1e-6  # the patch embedding's RMSNorm; official: float32 machine epsilon
+  # 'exact': each output token is its own p x p block; 'official': token k fills the k-th strip
+  # of p*p raster pixels and training spans leave out each image's last patch (objectives.py).
+  m.pixel_layout = 'exact'
   m.dtype = 'float32'  # compute dtype; parameters are stored in param_dtype
   m.param_dtype = 'float32'
   m.remat = 'none'  # models/transformer.py REMAT_POLICIES
@@ -168,6 +231,12 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
   c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
+  # Held-out splits of the task streams, for the held-out loss (heldout.py; mixture data only).
+  c.data.eval = ml_collections.ConfigDict(dict(t2i='', mmu='', edit='', text=''))
+  # Tokens of the sequence format's roles ('' = the tokenizer's own, else appended ones);
+  # Hugging Face tokenizers only (data/tokenizer.py).
+  c.data.special_tokens = ml_collections.ConfigDict(dict(bos='', eos='', pad='', boi='', eoi='',
+                                                         img=''))
 
   c.objective = ml_collections.ConfigDict(dict(
       text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
@@ -184,13 +253,19 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.sampling = ml_collections.ConfigDict(dict(
       sampler='euler', steps=50, cfg_scale=3.0, cfg_interval=(0.0, 1.0),
+      cfg_interval_open=False,  # False: lo <= t <= hi; True (official): lo < t < hi, lo=0 from 0
       max_new_tokens=32, temperature=0.0))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_vqa=200, num_gen=64, num_caption=64, batch_size=32, use_ema=True, num_samples_png=16,
       # Held-out metrics during training, appended to workdir/eval_history.jsonl every this
       # many steps (and at the last step); 0 = only the samples at eval_every.
-      metrics_every=0))
+      metrics_every=0,
+      shapes_metrics=True,  # the held-out shapes metrics (evaluate.py); off for real data
+      loss_batches=8,  # held-out loss: at most this many batches per data.eval stream
+      # Sample grids (sample_grids.py): prompts to draw (() = held-out shapes prompts on shapes
+      # data), image files to ask eval.questions about (one question each, or one for all).
+      prompts=(), images=(), questions=()))
 
   # Devices per axis inside a slice (ICI) and slices per axis (DCN, multi-slice TPU or several
   # GPU nodes); one ICI and one DCN size may be -1 to take what is left (sharding.make_mesh).
@@ -207,4 +282,8 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.max_replicated_fraction = 0.02
   # Seconds a process waits at a barrier for the others before failing with their names.
   c.barrier_timeout_s = 600
+  # Optional Weights & Biases sink beside metrics.jsonl and TensorBoard (metrics.WandbSink);
+  # needs the 'wandb' extra. mode: online | offline | disabled; run_id '' = from the workdir.
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project='tuna2_jax', entity='',
+                                           name='', run_id='', mode='online'))
   return c

@@ -1,10 +1,13 @@
-"""Evaluates a trained workdir on the held-out shapes sets; also the samplers' host-side glue.
+"""Evaluates a trained workdir: held-out shapes metrics, held-out losses, sample grids; also the
+samplers' host-side glue.
 
   python -m tuna2_jax.evaluate --workdir=DIR
 
-Prints JSON and writes DIR/eval.json with shapes/vqa_accuracy (and per question type),
-shapes/vqa_majority_baseline, shapes/gen_accuracy, shapes/gen_untrained_baseline (the same
-checker on a freshly initialised model's images) and shapes/caption_exact.
+Prints JSON and writes DIR/eval.json with, under eval.shapes_metrics, shapes/vqa_accuracy (and
+per question type), shapes/vqa_majority_baseline, shapes/gen_accuracy,
+shapes/gen_untrained_baseline (the same checker on a freshly initialised model's images) and
+shapes/caption_exact; and heldout/<task>/... for every held-out stream data.eval names
+(heldout.py). Sample grids go to DIR/samples (sample_grids.py says what they show).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from tuna2_jax import cli
+from tuna2_jax import heldout
 from tuna2_jax import metrics as metrics_lib
+from tuna2_jax import paths
+from tuna2_jax import sample_grids
 from tuna2_jax import sampling
 from tuna2_jax import sharding
 from tuna2_jax import train_state
@@ -51,12 +57,15 @@ def to_uint8(x) -> np.ndarray:
 
 def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
                     prompts: Sequence[str], key, sources: Sequence[np.ndarray] | None = None,
-                    batch_size: int | None = None) -> list[np.ndarray]:
-  """Images (uint8 HxWx3) for prompts (text->image, or edits of `sources`), with CFG."""
-  p, size, s = config.model.patch_size, config.data.image_size, config.sampling
+                    batch_size: int | None = None,
+                    image_hw: tuple[int, int] | None = None) -> list[np.ndarray]:
+  """Images (uint8 HxWx3, default data.image_size square) for prompts (text->image, or edits of
+  `sources`), with CFG."""
+  p, s = config.model.patch_size, config.sampling
+  height, width = image_hw or (config.data.image_size, config.data.image_size)
   batch_size = batch_size or config.eval.batch_size
   sources = list(sources) if sources is not None else [None] * len(prompts)
-  make = lambda text, src: tasks.generation_prompt(text, tok, (size, size), p, source=src)
+  make = lambda text, src: tasks.generation_prompt(text, tok, (height, width), p, source=src)
   cond = [make(t, src) for t, src in zip(prompts, sources)]
   null = [make('', src) for src in sources]
   length = max(len(x['tokens']) for x in cond + null)
@@ -70,11 +79,12 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
     x = sampling.sample_images(
         model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
         noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
-        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval))
+        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
+        cfg_interval_open=bool(s.cfg_interval_open))
     x = sharding.to_host(x)
     target = batch['gen_mask'] & batch['is_patch']
     for b in range(n):
-      images.append(to_uint8(seq.unpatchify(x[b][target[b]], size, size, p)))
+      images.append(to_uint8(seq.unpatchify(x[b][target[b]], height, width, p)))
   return images
 
 
@@ -112,16 +122,20 @@ def majority_answers(image_size: int, max_objects: int) -> dict[str, str]:
 
 
 def eval_sets(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
-  """The held-out sets the metrics use: {'vqa', 'caption', 't2i'}, fixed by their seeds."""
+  """The held-out shapes sets the metrics use: {'vqa', 'caption', 't2i'}, fixed by their seeds;
+  {} when eval.shapes_metrics is off."""
   d, e = config.data, config.eval
+  if not e.get('shapes_metrics', True):
+    return {}
   kw = dict(size=d.image_size, max_objects=d.max_objects)
   return {'vqa': shapes.eval_set('mmu', e.num_vqa, seed=1, **kw),
           'caption': shapes.eval_set('caption', e.num_caption, seed=3, **kw),
           't2i': shapes.eval_set('t2i', e.num_gen, seed=4, **kw)}
 
 
-def eval_set_digest(sets: dict[str, list[dict]]) -> str:
-  """A short hash of every held-out question, answer and prompt and the image size.
+def eval_set_digest(sets: dict[str, list[dict]], streams: Sequence = ()) -> str:
+  """A short hash of every held-out question, answer and prompt and the image size, and of the
+  held-out loss streams (heldout.describe: sources, batches, rows).
 
   Two runs' metrics are comparable only when their digests are equal (compare.py checks).
   """
@@ -131,6 +145,8 @@ def eval_set_digest(sets: dict[str, list[dict]]) -> str:
       image = x.get('image')
       h.update(json.dumps([name, x.get('question'), x.get('answer'), x.get('prompt'),
                            None if image is None else list(image.shape)]).encode())
+  for stream in streams:
+    h.update(json.dumps(['heldout', *stream]).encode())
   return h.hexdigest()[:16]
 
 
@@ -171,13 +187,21 @@ def evaluate(model, tok: Tokenizer, config: ml_collections.ConfigDict, *,
   return out
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises, before training starts, for held-out streams or sample settings that cannot be
+  used (heldout.check, sample_grids.check)."""
+  heldout.check(config)
+  sample_grids.check(config)
+
+
 class EvalHistory:
   """Held-out metrics during training: workdir/eval_history.jsonl and TensorBoard.
 
   Every eval.metrics_every steps (and at the last step) one line {step, train_flops, wall_s,
-  eval_set, shapes/...}: train_flops are the analytic model FLOPs of the steps so far
-  (flops.py), wall_s the seconds of training so far without the evaluations themselves; both are
-  kept in the checkpoints (totals()) so that a resumed run continues them.
+  eval_set, shapes/..., heldout/...}: the shapes metrics under eval.shapes_metrics, the held-out
+  loss of every data.eval stream (heldout.py). train_flops are the analytic model FLOPs of the
+  steps so far (flops.py), wall_s the seconds of training so far without the evaluations
+  themselves; both are kept in the checkpoints (totals()) so that a resumed run continues them.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tok: Tokenizer,
@@ -187,13 +211,24 @@ class EvalHistory:
     if self.every < 0:
       raise ValueError(f'eval.metrics_every={self.every}: expected 0 (off) or a positive step '
                        'count')
+    self._heldout = heldout.HeldoutLoss(config, tok)
     totals = totals or {}
     self._flops = float(totals.get('train_flops', 0.0))
     self._wall_base = float(totals.get('train_wall_s', 0.0))
     self._eval_s = 0.0
     self._t0 = time.perf_counter()
-    self._sets = eval_sets(config) if self.every else None
-    self.digest = eval_set_digest(self._sets) if self.every else None
+    self._sets = eval_sets(config) if self.every else {}
+    if self.every and not self._sets and not self._heldout.streams:
+      logging.warning('eval.metrics_every=%d but there is nothing to evaluate: set a held-out '
+                      'stream (data.eval.t2i, .mmu, .edit or .text) or eval.shapes_metrics=True; '
+                      'no held-out metrics are written', self.every)
+      self.every = 0
+    if not self.every and self._heldout.streams:
+      logging.warning('data.eval names held-out streams %s but eval.metrics_every=0: their '
+                      'loss is not evaluated during training', [t for t, _ in
+                                                                self._heldout.streams])
+    self.digest = (eval_set_digest(self._sets, heldout.describe(config)) if self.every
+                   else None)
 
   def count(self, step_flops: float) -> None:
     self._flops += step_flops
@@ -211,7 +246,8 @@ class EvalHistory:
     """Runs the held-out metrics (every process; process 0 writes) and appends the line."""
     t0 = time.perf_counter()
     wall = self.wall_s()
-    results = evaluate(model, self.tok, self.config, sets=self._sets)
+    results = evaluate(model, self.tok, self.config, sets=self._sets) if self._sets else {}
+    results.update(self._heldout(model))
     record = {'step': int(step), 'train_flops': self._flops, 'wall_s': wall,
               'eval_set': self.digest, **results}
     self.writer.write_jsonl(HISTORY_FILE, record)
@@ -221,24 +257,43 @@ class EvalHistory:
 
 
 def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
-                  step: int, writer: metrics_lib.MetricsWriter | None = None) -> str:
-  """A PNG grid of generated images beside their (held-out) prompts.
+                  step: int, writer: metrics_lib.MetricsWriter | None = None) -> list[str]:
+  """The sample grids of a step: samples/step_XXXXXX.png (images generated for the prompts,
+  with the shapes checker's marks where it applies) and samples/step_XXXXXX_understanding.png
+  (answers to the questions about the images), each with a .json of its captions and marks,
+  and the grids to TensorBoard (samples/generation, samples/understanding, and
+  samples/checker_pass, the share of marked tiles that pass). Returns the PNG paths.
 
   Every process of a job calls it (all take part in sampling); only process 0 writes.
   """
-  d = config.data
-  gen = shapes.eval_set('t2i', config.eval.num_samples_png, seed=5, size=d.image_size,
-                        max_objects=d.max_objects)
-  prompts = [x['prompt'] for x in gen]
-  images = generate_images(model, tok, config, prompts, jax.random.key(config.seed + 2))
-  path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
+  stem = os.path.join(workdir, 'samples', f'step_{step:06d}')
+  grids = []
+  prompts = sample_grids.prompts(config)
+  if prompts:
+    images = generate_images(model, tok, config, prompts, jax.random.key(config.seed + 2),
+                             image_hw=sample_grids.generation_hw(config))
+    grids.append(('generation', stem + '.png', images, prompts, sample_grids.marks(images,
+                                                                                  prompts)))
+  pictures, asked = sample_grids.understanding_inputs(config)
+  if pictures:
+    answers = answer_questions(model, tok, config, pictures, asked,
+                               jax.random.key(config.seed + 2))
+    grids.append(('understanding', stem + '_understanding.png', pictures,
+                  [f'Q: {q}\nA: {a}' for q, a in zip(asked, answers)], None))
   if jax.process_index() != 0:
-    return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  metrics_lib.save_sample_grid(path, images, prompts)
-  if writer is not None:
-    writer.write_image(step, 'samples', np.asarray(images[0]))
-  return path
+    return [path for _, path, *_ in grids]
+  for tag, path, images, captions, marks in grids:
+    scale = sample_grids.grid_scale(images)
+    metrics_lib.save_sample_grid(path, images, captions, scale=scale, marks=marks)
+    paths.write_text(os.path.splitext(path)[0] + '.json',
+                     json.dumps({'step': step, 'captions': captions, 'marks': marks}, indent=1))
+    if writer is not None:
+      writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(
+          images, captions, scale=scale, marks=marks))
+      judged = [m for m in marks or () if m is not None]
+      if judged:
+        writer.write_tensorboard(step, {'samples/checker_pass': float(np.mean(judged))})
+  return [path for _, path, *_ in grids]
 
 
 def main(argv):
@@ -248,13 +303,16 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   model, config, step = train_state.load_model(workdir, use_ema=True)
   tok = Tokenizer.for_config(config)
-  baseline = None if flags.FLAGS.skip_untrained_baseline else train_state.build_model(config)
   sets = eval_sets(config)
-  results = {'step': step, 'eval_set': eval_set_digest(sets),
-             **evaluate(model, tok, config, baseline_model=baseline, sets=sets)}
+  baseline = None
+  if sets and not flags.FLAGS.skip_untrained_baseline:
+    baseline = train_state.build_model(config)
+  results = {'step': step, 'eval_set': eval_set_digest(sets, heldout.describe(config))}
+  if sets:
+    results.update(evaluate(model, tok, config, baseline_model=baseline, sets=sets))
+  results.update(heldout.HeldoutLoss(config, tok)(model))
   write_samples(model, tok, config, workdir, step)
-  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  paths.write_text(paths.join(workdir, 'eval.json'), json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 
 

@@ -5,8 +5,9 @@ r"""Generates images with a trained workdir's EMA model: text -> image, or an ed
   python -m tuna2_jax.generate --workdir=runs/shapes --source src.png \
       --prompt "make the circle blue." --out edited.png
 
-With --source the prompt is the edit instruction, and the source is resized (bicubic) to the
-config's image size. Images are config.data.image_size square. --num 1 writes --out itself;
+With --source the prompt is the edit instruction, and the source is resized and centre-cropped
+as training does (onto the nearest of the config's data.buckets, or its image_size square).
+Images are config.data.image_size square. --num 1 writes --out itself;
 --num N > 1 writes N files beside it, numbered from 0 (img.png -> img_0.png, img_1.png, ...),
 each from its own noise. The written paths are printed one per line. Sampling settings not given
 as flags come from the workdir's config.sampling.
@@ -40,8 +41,8 @@ def output_paths(out: str, num: int) -> list[str]:
 def generate(workdir: str, prompt: str, num: int, seed: int, source: str | None = None,
              **sampling_overrides) -> list[np.ndarray]:
   """`num` uint8 (S, S, 3) images for one prompt (or one edit of the image file `source`)."""
-  size = train_state.load_config(workdir).data.image_size
-  src = cli.read_image(source, size) if source else None  # before the slow model load
+  data = train_state.load_config(workdir).data
+  src = cli.read_image(source, data) if source else None  # before the slow model load
   model, config, _ = train_state.load_model(workdir, use_ema=True)
   for key, value in sampling_overrides.items():  # cfg_scale, steps, sampler: None keeps config's
     if value is not None:

@@ -1,22 +1,30 @@
-"""What a run reports: `workdir/metrics.jsonl`, TensorBoard events, sample grids and a progress bar.
+"""What a run reports: `workdir/metrics.jsonl`, TensorBoard events, optionally Weights & Biases,
+sample grids, a progress bar and the summary at the end.
 
 metrics.jsonl holds one JSON object per logged step, `{"step": 100, "loss": 2.31, ...}`, so a
-run can be read back with `pandas.read_json(path, lines=True)` without TensorBoard.
+run can be read back with `pandas.read_json(path, lines=True)` without TensorBoard. Every file
+goes through tuna2_jax.paths, so a workdir may be a gs:// URL.
 """
 
+import hashlib
+import io
 import json
 import math
 import os
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
 from tensorboardX import SummaryWriter
 
+from tuna2_jax import paths
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 TILE_GAP = 4  # pixels between tiles of a sample grid, and around it
+MARK_COLOURS = {True: (0, 170, 0), False: (220, 0, 0)}  # a checker's pass / fail frame
 
 
 def _json_number(value: Any) -> float | None:
@@ -33,21 +41,66 @@ def _json_default(value: Any) -> Any:
                   'strings, lists or dicts')
 
 
+class WandbSink:
+  """Weights & Biases behind MetricsWriter (config `wandb.enabled`; off by default).
+
+  `wandb.mode` is 'online', 'offline' (written under workdir/wandb, synced later with
+  `wandb sync`) or 'disabled'. The run id is `wandb.run_id`, or else derived from the workdir,
+  so a resumed run continues the same W&B run. `module` is the wandb package (tests pass a fake).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, run_config: dict,
+               module: Any = None):
+    if module is None:
+      try:
+        import wandb as module  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        raise ImportError('wandb.enabled=True needs the wandb package: pip install -e '
+                          "'.[wandb]'") from None
+    if config.mode not in WANDB_MODES:
+      raise ValueError(f'wandb.mode={config.mode!r}: expected one of {WANDB_MODES}')
+    # W&B keeps its files locally; a gs:// workdir's are kept in the current directory.
+    local_dir = paths.absolute(workdir) if paths.is_local(workdir) else os.getcwd()
+    os.makedirs(local_dir, exist_ok=True)
+    name = config.name or os.path.basename(os.path.normpath(workdir.split('://')[-1]))
+    run_id = config.run_id or hashlib.sha1(paths.absolute(workdir).encode()).hexdigest()[:16]
+    self._run = module.init(project=config.project, entity=config.entity or None, name=name,
+                            id=run_id, resume='allow', dir=local_dir, mode=config.mode,
+                            config=run_config)
+    self._module = module
+
+  def log(self, step: int, scalars: dict[str, float]) -> None:
+    self._run.log(dict(scalars), step=int(step))
+
+  def log_image(self, step: int, tag: str, image_HW3: np.ndarray) -> None:
+    self._run.log({tag: self._module.Image(image_HW3)}, step=int(step))
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+WANDB_MODES = ('online', 'offline', 'disabled')
+
+
 class MetricsWriter:
-  """Appends scalars to metrics.jsonl and TensorBoard; with enabled=False every call does nothing.
+  """Appends scalars to metrics.jsonl, TensorBoard and the optional W&B sink; with enabled=False
+  every call does nothing.
 
   Pass enabled=(jax.process_index() == 0) so that only one process of a job writes.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, wandb: WandbSink | None = None):
     self.workdir = workdir
     self.enabled = enabled
+    self._wandb = wandb
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.check_supported(workdir)
+    paths.makedirs(workdir)
+    paths.register_tensorboard()
     # Appending: a resumed run continues the same file; steps may repeat after a restart.
-    self._scalars = open(os.path.join(workdir, METRICS_FILE), 'a')
-    self._tb = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+    self._scalars = paths.AppendFile(paths.join(workdir, METRICS_FILE))
+    self._tb = SummaryWriter(logdir=paths.join(workdir, TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -59,12 +112,14 @@ class MetricsWriter:
     self.write_tensorboard(step, values)
 
   def write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
-    """Scalars to TensorBoard only (e.g. held-out metrics that have their own jsonl file)."""
+    """Scalars to TensorBoard (and W&B) only (e.g. held-out metrics with their own jsonl file)."""
     if not self.enabled:
       return
     for name, value in scalars.items():
       self._tb.add_scalar(name, float(value), global_step=int(step))
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(step, scalars)
 
   def write_jsonl(self, name: str, record: dict) -> None:
     """Appends `record` as one JSON line to `workdir/<name>` (e.g. 'eval.jsonl')."""
@@ -72,8 +127,9 @@ class MetricsWriter:
       return
     if os.path.basename(name) != name or not name:
       raise ValueError(f'jsonl name {name!r}: expected a plain file name inside {self.workdir}')
-    with open(os.path.join(self.workdir, name), 'a') as f:
-      f.write(json.dumps(record, default=_json_default) + '\n')
+    out = paths.AppendFile(paths.join(self.workdir, name))
+    out.write(json.dumps(record, default=_json_default) + '\n')
+    out.close()
 
   def write_image(self, step: int, tag: str, image_HW3: np.ndarray) -> None:
     if not self.enabled:
@@ -84,12 +140,16 @@ class MetricsWriter:
                        '(H, W, 3)')
     self._tb.add_image(tag, image_HW3, global_step=int(step), dataformats='HWC')
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log_image(step, tag, image_HW3)
 
   def close(self) -> None:
     if not self.enabled:
       return
     self._scalars.close()
     self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
@@ -114,13 +174,21 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
   return lines
 
 
-def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence[str],
-                     columns: int = 4, scale: int = 2) -> str:
-  """Writes a PNG grid: each uint8 (H, W, 3) image upscaled `scale`x, its caption wrapped beneath.
+def sample_grid(images: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4,
+                scale: int = 2, marks: Sequence[bool | None] | None = None) -> np.ndarray:
+  """A grid (uint8 (H, W, 3)): each uint8 (H, W, 3) image upscaled `scale`x, its caption wrapped
+  beneath.
 
   Tiles are as wide as the widest upscaled image; the grid is min(columns, len(images)) tiles
-  wide with TILE_GAP pixels around every tile. Returns `path`.
+  wide with TILE_GAP pixels around every tile. marks: a checker's verdict per tile (None: no
+  verdict), drawn as a green (True) or red (False) frame in the gap and 'pass: ' / 'fail: '
+  before the caption.
   """
+  marks = list(marks) if marks is not None else [None] * len(images)
+  if len(marks) != len(images):
+    raise ValueError(f'got {len(marks)} marks for {len(images)} images; expected one each')
+  captions = [c if m is None else f'{"pass" if m else "fail"}: {c}'
+              for c, m in zip(captions, marks)]
   if not images or len(images) != len(captions):
     raise ValueError(f'got {len(images)} images and {len(captions)} captions; expected the same '
                      'number, at least one')
@@ -148,12 +216,24 @@ def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence
   for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
     x = TILE_GAP + (i % cols) * (tile_w + TILE_GAP)
     y = TILE_GAP + (i // cols) * (tile_h + TILE_GAP)
+    if marks[i] is not None:
+      frame = TILE_GAP // 2
+      draw.rectangle((x - frame, y - frame, x + tile.width + frame - 1,
+                      y + tile.height + frame - 1), fill=MARK_COLOURS[marks[i]])
     grid.paste(tile, (x, y))
     for j, line in enumerate(lines):
       draw.text((x, y + image_h + TILE_GAP + j * line_h - top), line, fill='black', font=font)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  grid.save(path, format='PNG')
-  return path
+  return np.asarray(grid)
+
+
+def save_sample_grid(path: str, images: Sequence[np.ndarray], captions: Sequence[str],
+                     columns: int = 4, scale: int = 2,
+                     marks: Sequence[bool | None] | None = None) -> str:
+  """Writes sample_grid(...) as a PNG; returns `path`."""
+  grid = Image.fromarray(sample_grid(images, captions, columns, scale, marks))
+  png = io.BytesIO()
+  grid.save(png, format='PNG')
+  return paths.write_bytes(path, png.getvalue())  # makes the folder (or writes gs://)
 
 
 def _format(value: Any) -> str:
@@ -180,3 +260,17 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+def summary(workdir: str, first_step: int, last_step: int, total_steps: int, seconds: float,
+            last: dict[str, float], where: dict[str, str | None]) -> str:
+  """The lines a run ends with: steps, time, last metrics and where its outputs are."""
+  minutes, secs = divmod(int(round(seconds)), 60)
+  status = 'done' if last_step >= total_steps else f'stopped (of {total_steps})'
+  lines = [f'run {status}: steps {first_step} -> {last_step} in {minutes} min {secs} s, '
+           f'workdir {workdir}']
+  if last:
+    lines.append('  last metrics: ' + ', '.join(f'{k}={_format(v)}' for k, v in last.items()))
+  width = max(len(name) for name in where)
+  lines += [f'  {name:<{width}}  {path}' for name, path in where.items() if path]
+  return '\n'.join(lines)

@@ -46,11 +46,73 @@ def sample_timesteps(key, batch: dict, obj: ml_collections.ConfigDict) -> jax.Ar
   return jnp.where(batch['span_ids'] > 0, t, 1.0)
 
 
+def interpolate(x_BTP, t_BT, e_BTP) -> jax.Array:
+  """x_t = t x + (1 - t) e (t = 1 clean, t = 0 noise), in float32."""
+  t = t_BT[..., None].astype(jnp.float32)
+  return t * x_BTP + (1.0 - t) * e_BTP
+
+
 def add_noise(key, x_BTP, t_BT, noise_scale: float) -> tuple[jax.Array, jax.Array]:
-  """x_t = t x + (1 - t) e; tokens with t = 1 stay clean."""
+  """(x_t, e) with e ~ N(0, I) * noise_scale; tokens with t = 1 stay clean."""
   e_BTP = jax.random.normal(key, x_BTP.shape, jnp.float32) * noise_scale
-  t = t_BT[..., None]
-  return t * x_BTP + (1.0 - t) * e_BTP, e_BTP
+  return interpolate(x_BTP, t_BT, e_BTP), e_BTP
+
+
+def official_source_slots(patch_grid_BT4, p: int, *,
+                          to_strips: bool) -> tuple[jax.Array, jax.Array]:
+  """(slot [B, T, P], entry [B, T, P]) that each patch token's entries come from when moving
+  pixels between the two layouts of model.pixel_layout (P = p*p*3, channels minor).
+
+  Block layout (data/sequence.py patchify): the token at grid (gy, gx) holds the p x p block
+  there. Strip layout (the official unpatchify): token k holds raster pixels k*p*p ..
+  (k+1)*p*p - 1 of its image. to_strips: gather strips from blocks, where the image's last
+  block sits in the span's time slot (official training spans leave out the last patch,
+  data/sequence.py); else gather blocks from strips (every patch token present).
+  """
+  gy, gx, gh, gw = (patch_grid_BT4[..., i][..., None] for i in range(4))
+  e = jnp.arange(p * p * 3, dtype=jnp.int32)
+  c, q = e % 3, e // 3  # channel, pixel inside the token
+  k = gy * gw + gx  # the token's index in its image
+  first = -k  # slot offset of the image's first patch token
+  width = gw * p
+  if to_strips:
+    f = k * p * p + q
+    y, x = f // width, f % width
+    block = (y // p) * gw + x // p
+    entry = ((y % p) * p + x % p) * 3 + c
+    slot = jnp.where(block == gh * gw - 1, first - 1, first + block)
+  else:
+    f = (gy * p + q // p) * width + gx * p + q % p
+    slot = first + f // (p * p)
+    entry = (f % (p * p)) * 3 + c
+  t = jnp.arange(patch_grid_BT4.shape[1], dtype=jnp.int32)[None, :, None]
+  return t + slot, entry
+
+
+def relayout(x_BTP, patch_grid_BT4, is_patch_BT, p: int, *, to_strips: bool) -> jax.Array:
+  """x_BTP with every patch token's pixels moved between block and strip layout
+  (`official_source_slots`); other tokens keep theirs."""
+  slot, entry = official_source_slots(patch_grid_BT4, p, to_strips=to_strips)
+  b, t, n = x_BTP.shape
+  slot = jnp.clip(slot, 0, t - 1)
+  flat = jnp.take_along_axis(x_BTP.reshape(b, t * n), (slot * n + entry).reshape(b, t * n),
+                             axis=1).reshape(b, t, n)
+  return jnp.where(is_patch_BT[..., None], flat, x_BTP)
+
+
+def flow_target(x_BTP, batch: dict, pixel_layout: str, p: int) -> jax.Array:
+  """What each token's x_hat is compared with: its own block ('exact'), or its strip of the
+  image ('official')."""
+  if pixel_layout == 'exact':
+    return x_BTP
+  return relayout(x_BTP, batch['patch_grid'], batch['is_patch'], p, to_strips=True)
+
+
+def prediction_blocks(x_hat_BTP, batch: dict, pixel_layout: str, p: int) -> jax.Array:
+  """x_hat in block layout (each patch token its own block), for the sampler."""
+  if pixel_layout == 'exact':
+    return x_hat_BTP
+  return relayout(x_hat_BTP, batch['patch_grid'], batch['is_patch'], p, to_strips=False)
 
 
 def flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, t_eps: float) -> tuple[jax.Array, jax.Array]:
@@ -154,7 +216,9 @@ def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDic
   text, n_text = text_loss(hidden_BTD, model.decoder.head_weight(), batch['targets'],
                            batch['loss_mask'])
   target_BT = batch['gen_mask'] & batch['is_patch']
-  flow, n_flow = flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, obj.t_eps)
+  m = config.model
+  flow, n_flow = flow_loss(x_hat_BTP, flow_target(x_BTP, batch, m.pixel_layout, m.patch_size),
+                           t_BT, target_BT, obj.t_eps)
   loss = obj.text_coeff * text + obj.flow_coeff * flow
   return loss, {'loss': loss, 'text_loss': text, 'flow_loss': flow, 'text_tokens': n_text,
                 'flow_tokens': n_flow}

@@ -135,9 +135,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     out_shardings=(shardings, replicated), donate_argnums=(0,))
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                save_every=config.checkpoint_every)
-  start, data_state = ckpt.latest_step(), None
-  if start is not None:
-    state, data_state, _ = ckpt.restore(start, train_state.with_shardings(abstract, shardings))
+  # The newest intact checkpoint (a damaged newer one is logged and skipped).
+  found, data_state = ckpt.restore_latest(train_state.with_shardings(abstract, shardings)), None
+  if found is not None:
+    start, state, data_state, _ = found
   else:
     state, start = jax.jit(lambda: _init_state(config), out_shardings=shardings)(), 0
   if lead:

@@ -26,14 +26,24 @@ from tuna2_jax.models.tuna import mask_info
 SAMPLERS = ('euler', 'heun')
 
 
-def guide(x_hat_BTP, t, *, cfg_scale: float, cfg_interval) -> jax.Array:
+def in_cfg_interval(t, cfg_interval, open_interval: bool = False):
+  """Whether guidance applies at t: lo <= t <= hi, or with open_interval (the official rule)
+  lo < t < hi, where lo = 0 starts at t = 0."""
+  lo, hi = cfg_interval
+  if open_interval:
+    return (t < hi) & ((lo == 0) | (t > lo))
+  return (t >= lo) & (t <= hi)
+
+
+def guide(x_hat_BTP, t, *, cfg_scale: float, cfg_interval,
+          cfg_interval_open: bool = False) -> jax.Array:
   """x_u + s (x_c - x_u) over a batch of conditional rows followed by as many unconditional
-  ones (both halves get the guided value); s applies only while t lies inside cfg_interval."""
+  ones (both halves get the guided value); s applies only while t lies inside cfg_interval
+  (`in_cfg_interval`)."""
   if cfg_scale == 1.0:
     return x_hat_BTP
   x_c, x_u = jnp.split(x_hat_BTP, 2, axis=0)
-  lo, hi = cfg_interval
-  scale = jnp.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
+  scale = jnp.where(in_cfg_interval(t, cfg_interval, cfg_interval_open), cfg_scale, 1.0)
   guided = x_u + scale * (x_c - x_u)
   return jnp.concatenate([guided, guided], axis=0)
 
@@ -59,8 +69,9 @@ def generated_slots(gen_mask_BT) -> tuple[int, int]:
 
 def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler',
                   noise_scale: float = 1.0, t_eps: float = 0.05, cfg_scale: float = 1.0,
-                  cfg_interval: tuple[float, float] = (0.0, 1.0),
-                  prompt_cache: bool | None = None) -> jax.Array:
+                  cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_interval_open: bool = False,
+                  prompt_cache: bool | None = None, noise_BTP: jax.Array | None = None,
+                  clip: bool = True) -> jax.Array:
   """Integrates dx/dt = v from t = 0 (noise * noise_scale) to t = 1 over `steps` uniform steps.
 
   Returns the generated pixel blocks [B, T, p*p*3] in [-1, 1] (clean inputs elsewhere); with
@@ -68,27 +79,39 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
 
   prompt_cache: compute the prompt's keys and values (decoder and head) once and run only the
   generated slots at each step (model.prefill / model.extend); None = whenever the model has
-  them. The result equals the uncached one up to float rounding.
+  them. The result equals the uncached one up to float rounding. With the model's
+  pixel_layout 'official', x_hat (strips of raster pixels) is moved into block layout first.
+  Heun steps all but the last, which is Euler (the velocity is singular at t = 1).
+  noise_BTP: the starting noise (unit variance, scaled by noise_scale) in place of a draw from
+  key; clip=False returns the final state unclipped (for comparisons with other samplers).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
   if prompt_cache is None:
     prompt_cache = hasattr(model, 'prefill')
   span = generated_slots(batch['gen_mask']) if prompt_cache else None
+  cfg = getattr(model, 'cfg', None)
+  layout = (cfg.pixel_layout, cfg.patch_size) if cfg is not None else ('exact', 0)
   return _sample_images(model, batch, key, steps=steps, sampler=sampler, noise_scale=noise_scale,
                         t_eps=t_eps, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
-                        span=span)
+                        cfg_interval_open=bool(cfg_interval_open), span=span, layout=layout,
+                        noise_BTP=noise_BTP, clip=clip)
 
 
 @functools.partial(nnx.jit, static_argnames=('steps', 'sampler', 'noise_scale', 't_eps',
-                                             'cfg_scale', 'cfg_interval', 'span'))
+                                             'cfg_scale', 'cfg_interval', 'cfg_interval_open',
+                                             'span', 'layout', 'clip'))
 def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_scale: float,
                    t_eps: float, cfg_scale: float, cfg_interval: tuple[float, float],
-                   span: tuple[int, int] | None) -> jax.Array:
+                   cfg_interval_open: bool, span: tuple[int, int] | None,
+                   layout: tuple[str, int], noise_BTP: jax.Array | None,
+                   clip: bool) -> jax.Array:
   """The sampler loop as one program; span = (start, stop) runs it on cached prompt slots."""
   clean = objectives.to_unit_range(batch['patches'])
   start, stop = span or (0, clean.shape[1])
   gen = batch['gen_mask'][:, start:stop]
+  span_batch = ({k: batch[k][:, start:stop] for k in ('patch_grid', 'is_patch')}
+                if layout[0] == 'official' else None)
   clean_span = clean[:, start:stop]
   caches = model.prefill(batch, start, stop) if span else None
   # Parameters travel in the loop carry: nnx rebuilds the model at the loop's trace level.
@@ -102,31 +125,42 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
       x_hat = m.extend(batch, x_in, t_BT, caches, start, stop)
     else:
       x_hat = m(batch, x_in, t_BT)[1]
-    x_hat = guide(x_hat, t, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
+    x_hat = objectives.prediction_blocks(x_hat, span_batch, *layout)
+    x_hat = guide(x_hat, t, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                  cfg_interval_open=cfg_interval_open)
     return (x_hat - x) / jnp.maximum(1.0 - t, t_eps)
 
   # Drawn for every slot, so a cached and an uncached run from one key share their noise.
-  noise = jax.random.normal(key, clean.shape, jnp.float32)[:, start:stop] * noise_scale
+  if noise_BTP is None:
+    noise_BTP = jax.random.normal(key, clean.shape, jnp.float32)
+  noise = noise_BTP[:, start:stop] * noise_scale
   if cfg_scale != 1.0:  # both branches start from the same noise
     half, _ = jnp.split(noise, 2, axis=0)
     noise = jnp.concatenate([half, half], axis=0)
   dt = 1.0 / steps
 
-  def step(i, carry):
-    params, x = carry
-    t = i * dt
-    v = velocity(params, x, t)
-    if sampler == 'euler':
-      return params, x + dt * v
-    x_next = x + dt * v
-    # Heun's correction; the last step is Euler since the velocity is singular at t = 1.
-    v_next = velocity(params, x_next, t + dt)
-    return params, jnp.where(i < steps - 1, x + 0.5 * dt * (v + v_next), x_next)
+  time = lambda i: jnp.asarray(i, jnp.float32) / steps
 
-  _, x = jax.lax.fori_loop(0, steps, step, (params, noise))
+  def euler(i, carry):
+    params, x = carry
+    return params, x + dt * velocity(params, x, time(i))
+
+  def heun(i, carry):
+    params, x = carry
+    t = time(i)
+    v = velocity(params, x, t)
+    v_next = velocity(params, x + dt * v, time(i + 1))
+    return params, x + 0.5 * dt * (v + v_next)
+
+  if sampler == 'euler':
+    _, x = jax.lax.fori_loop(0, steps, euler, (params, noise))
+  else:  # Heun's correction on every step but the last
+    carry = jax.lax.fori_loop(0, steps - 1, heun, (params, noise))
+    _, x = euler(steps - 1, carry)
   # Only generated tokens were meant to move; every other slot returns its clean input.
   x = jnp.where(gen[..., None], x, clean_span)
-  return jnp.clip(clean.at[:, start:stop].set(x), -1.0, 1.0)
+  out = clean.at[:, start:stop].set(x)
+  return jnp.clip(out, -1.0, 1.0) if clip else out
 
 
 def _sample_token(logits_BV, key, temperature: float) -> jax.Array:

@@ -8,7 +8,11 @@ checkpoint). Re-running with the same workdir resumes from its latest checkpoint
 
 Several processes (pods, clusters; see launch/): every process runs this same command, joined by
 jax.distributed (distributed.py). Each loads its share of the batch; only process 0 writes logs,
-metrics and samples; all take part in checkpoints. SIGTERM saves at the next step and exits 0.
+metrics and samples; all take part in checkpoints. SIGTERM saves at the next step and exits 0;
+one that comes before the first step exits 0 without training. The workdir may be a gs:// URL
+(paths.py). A damaged newest checkpoint falls back to the newest intact one (checkpoint.py); a
+resumed run whose config differs records it as config.<step>.json (config_history.py). The
+console shows WARNING and above (--log_level), a bar that moves every step and a closing summary.
 `--dry_run` compiles the step for the mesh without allocating and prints per-device memory
 (dry_run.py); add `--dry_run_topology=v5p-128` (and `--dry_run_slices=N`) to compile for a TPU
 slice from any host with libtpu, or `--dry_run_devices=N` to compile for N fake CPU devices.
@@ -30,12 +34,14 @@ from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import cli
+from tuna2_jax import config_history
 from tuna2_jax import distributed
 from tuna2_jax import dry_run as dry_run_lib
 from tuna2_jax import evaluate as eval_lib
 from tuna2_jax import flops
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
+from tuna2_jax import paths
 from tuna2_jax import sharding
 from tuna2_jax import topologies
 from tuna2_jax import train_state
@@ -75,6 +81,10 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
+  # So does a stream none of whose first records can train (all skipped, or none fits seq_len).
+  pipeline.check_streams(config, tok, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  eval_lib.check(config)  # so do held-out streams and sample images that cannot be read
   return tok
 
 
@@ -164,19 +174,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- config ---
   tok = validate(config)
   lead = jax.process_index() == 0
+  preemption = distributed.PreemptionWatcher()  # a SIGTERM from here on is honoured
+  if distributed.sigterm_received():  # e.g. during start-up: stop before anything is written
+    logging.warning('SIGTERM before training started: exiting; the workdir was not touched')
+    preemption.close()
+    return {}
 
   # --- mesh: every layout check runs here, before any state exists ---
   mesh = sharding.make_mesh(config.mesh)
   graphdef, abstract, shardings, step_fn = setup(config, mesh)
   rules = config.sharding_rules
 
-  # --- state: resume, or initialise directly into its shardings ---
+  # --- state: resume (the newest intact checkpoint), or initialise into its shardings ---
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                save_every=config.checkpoint_every)
-  start = ckpt.latest_step()
+  config_json = config.to_json_best_effort(indent=2)
+  if steps := ckpt.all_steps():  # a change the checkpoint cannot follow stops here, untouched
+    config_history.check_resumable(workdir, config_json, steps[-1])
+  found = ckpt.restore_latest(train_state.with_shardings(abstract, shardings))
   data_state, totals = None, {}
-  if start is not None:
-    state, data_state, meta = ckpt.restore(start, train_state.with_shardings(abstract, shardings))
+  if found is not None:
+    start, state, data_state, meta = found
     totals = meta or {}
     logging.info('resumed from step %d', start)
   else:
@@ -186,9 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = init_from.start_from(state, init_from.pretrained_params(
           config, abstract['params'], shardings['params']))
     start = 0
-  # Written only after the restore: a checkpoint of another model raises there, untouched.
+  # Recorded only after the restore: a checkpoint of another model raises there, untouched.
   if lead:
-    ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
+    config_history.record(workdir, config_json, start)
   distributed.barrier('state_ready', config.barrier_timeout_s)
 
   # --- data ---
@@ -197,12 +215,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    process_count=jax.process_count(), checked=True)
   data_iter = iter(dataset)
   if data_state is not None:
-    data_iter.set_state(data_state)
+    _continue_data(data_iter, data_state, start, config)
 
   # --- loop ---
-  writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
+  sink = None
+  if lead and config.wandb.enabled:
+    sink = metrics_lib.WandbSink(workdir, config.wandb, config.to_dict())
+  writer = metrics_lib.MetricsWriter(workdir, enabled=lead, wandb=sink)
   progress = metrics_lib.Progress(config.total_steps, start, enabled=lead)
-  preemption = distributed.PreemptionWatcher()
+  run_t0, done, samples = time.perf_counter(), start, None
   history = eval_lib.EvalHistory(config, tok, writer, totals)
   peak = flops.peak_flops(jax.devices()[0].device_kind)  # None on CPUs: no MFU then
   key = jax.random.key(config.seed)
@@ -210,7 +231,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Records the data pipeline skipped, by reason: this process's since this run started, and
   # the totals of the runs it resumes (kept in the checkpoints), so the logged counts add up.
   skipped, skipped_before = None, packing.checkpointed_skipped(totals)
+  prev_aux, shown = None, {}
   for step in range(start + 1, config.total_steps + 1):
+    if step == start + 1 and distributed.sigterm_received():
+      logging.warning('SIGTERM before the first step: exiting without training; the workdir is '
+                      'as it was (a restart resumes from step %d)', start)
+      break
     local = next(data_iter)
     skipped = packing.pop_skipped(local, skipped)
     tokens += float((local['segment_ids'] > 0).sum()) * jax.process_count()
@@ -219,6 +245,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_flops += flops_now
     history.count(flops_now)
     state, aux = step_fn(state, sharding.global_batch(local, mesh, rules), key)
+    # The bar shows the previous step's loss: fetching it waits for that step only, while this
+    # one is already queued, so the devices never idle for the console.
+    if prev_aux is not None:
+      shown['loss'] = float(prev_aux['loss'])
+    prev_aux = aux
+    shown['tok/s'] = tokens / max(time.perf_counter() - t0, 1e-9)
+    progress.update(step, shown)
     stop = preemption.should_stop(step)
     if step % config.log_every == 0 or step == config.total_steps or stop:
       aux = jax.device_get(aux)
@@ -232,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if skipped is not None:
         last.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
       writer.write_scalars(step, last)
-      progress.update(step, {'loss': last['loss'], 'tok/s': last['tokens_per_s']})
+      shown['loss'] = last['loss']
       tokens, step_flops, t0 = 0.0, 0.0, time.perf_counter()
     if not stop and history.due(step):
       history.evaluate(nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params']),
@@ -249,16 +282,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if skipped is not None:
         meta.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
       ckpt.save(step, state, data_state=data_iter.get_state(), meta=meta, force=True)
+    done = step
     if stop:
       logging.warning('preempted: saved the checkpoint of step %d; exiting', step)
       break
   ckpt.wait()
+  saved = ckpt.all_steps()
   ckpt.close()
   preemption.close()
   progress.close()
   writer.close()
   distributed.barrier('train_done', config.barrier_timeout_s)
+  if lead:
+    print(metrics_lib.summary(
+        workdir, start, done, config.total_steps,
+        time.perf_counter() - run_t0, last,
+        {'checkpoints': paths.join(ckpt.directory, str(saved[-1])) if saved else None,
+         'samples': samples and paths.join(workdir, 'samples'),
+         'eval history': (paths.join(workdir, eval_lib.HISTORY_FILE)
+                          if history.every else None),
+         'metrics': paths.join(workdir, metrics_lib.METRICS_FILE),
+         'tensorboard': paths.join(workdir, metrics_lib.TENSORBOARD_DIR),
+         'config': config_history.recorded(workdir)[-1][1]}), flush=True)
   return last
+
+
+def _continue_data(data_iter, data_state, step: int, config: ml_collections.ConfigDict) -> None:
+  """Sets the data iterator to the checkpoint's position, or says why it cannot."""
+  try:
+    data_iter.set_state(data_state)
+  except (KeyError, ValueError, TypeError, IndexError) as e:  # grain's own errors
+    raise ValueError(
+        f'checkpoint step {step}: its data-iterator state does not fit this data pipeline '
+        f'({type(e).__name__}: {e}); resume with the data config it was saved with (same '
+        f'data.worker_count, now {config.data.worker_count}, and the same sources and weights) '
+        'or use a new workdir') from None
 
 
 def _use_fake_cpu_devices(count: int) -> None:
@@ -270,6 +328,7 @@ def _use_fake_cpu_devices(count: int) -> None:
 
 def main(argv):
   del argv
+  distributed.watch_sigterm()  # from here on, a SIGTERM stops the run cleanly
   cli.config_file()
   if _DRY_RUN.value:
     topology, devices = None, None
@@ -288,6 +347,7 @@ def main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  paths.check_supported(_WORKDIR.value)
   distributed.initialize_from_flags()
   train(_CONFIG.value, _WORKDIR.value)
 

@@ -103,18 +103,39 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
+def has_ema(workdir: str) -> bool:
+  """Whether the latest checkpoint's state holds an EMA (False also when there is none)."""
+  import os
+
+  import orbax.checkpoint as ocp
+  from tuna2_jax.convert import hf_folder
+  with ckpt_lib.Checkpointer(workdir, keep=1, save_every=1, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+  if step is None:
+    return False
+  path = os.path.join(hf_folder.absolute(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
+  metadata = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(getattr(metadata, 'item_metadata', metadata), 'tree', metadata)
+  return 'ema' in tree
+
+
 def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
-  """The trained model of a workdir's latest checkpoint: (model, config, step)."""
+  """The trained model of a workdir's latest checkpoint: (model, config, step).
+
+  Only the parameters are read: the EMA (use_ema) or the raw ones; a checkpoint without an EMA
+  (an official one imported by convert/tuna2.py holds the parameters alone) gives its
+  parameters either way.
+  """
+  from tuna2_jax.convert import hf_folder, init_from
   config = load_config(workdir)
   validate_model_config(config.model, config.data.image_size)
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  abstract, shardings = state_shardings(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, save_every=1,
-                               async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints')
-  state, _, _ = ckpt.restore(step, with_shardings(abstract, shardings))
-  ckpt.close()
-  graphdef, _ = abstract_model(config)
-  return nnx.merge(graphdef, state['ema' if use_ema else 'params']), config, step
+  graphdef, abstract = abstract_model(config)
+  flat = hf_folder.flat_paths(abstract)
+  shardings = hf_folder.flat_paths(sharding.tree_shardings(abstract, mesh,
+                                                           config.sharding_rules))
+  item = 'ema' if use_ema and has_ema(workdir) else 'params'
+  loaded, step = init_from.workdir_params(workdir, flat, shardings, item=item, where=workdir)
+  params = jax.tree_util.tree_map_with_path(lambda p, _: loaded[hf_folder.path_name(p)],
+                                            abstract)
+  return nnx.merge(graphdef, params), config, step

@@ -3,8 +3,9 @@ r"""Answers a question about an image with a trained workdir's EMA model.
   python -m tuna2_jax.understand --workdir=runs/shapes --image img.png \
       --question "what colour is the circle?" [--max_new_tokens N] [--temperature T] [--seed 0]
 
-The image is read as RGB and resized (bicubic) to the config's data.image_size when it is another
-size. Prints the answer (greedy unless --temperature > 0; other settings from config.sampling).
+The image is resized and centre-cropped as training does (onto the nearest of the config's
+data.buckets, or its data.image_size square). Prints the answer (greedy unless --temperature > 0;
+other settings from config.sampling).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tuna2_jax.data.tokenizer import Tokenizer
 
 def answer(workdir: str, image_path: str, question: str, *, max_new_tokens: int | None = None,
            temperature: float | None = None, seed: int = 0) -> str:
-  image = cli.read_image(image_path, train_state.load_config(workdir).data.image_size)
+  image = cli.read_image(image_path, train_state.load_config(workdir).data)
   model, config, _ = train_state.load_model(workdir, use_ema=True)
   if temperature is not None:
     config.sampling.temperature = temperature
@@ -49,7 +50,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == '__main__':
   # Defined here, not at import, so the tools can import each other.
   flags.DEFINE_string('workdir', None, 'Training workdir whose latest checkpoint is used.')
-  flags.DEFINE_string('image', None, 'Image file (any size; resized to the model\'s).')
+  flags.DEFINE_string('image', None, 'Image file (any size; resized and cropped as in training).')
   flags.DEFINE_string('question', None, 'Question about the image.')
   flags.DEFINE_integer('max_new_tokens', None, 'Answer length limit (default: config).')
   flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 is greedy (default: config).')

@@ -5,8 +5,9 @@ r"""Qwen2 / Qwen2.5 checkpoints (a Hugging Face folder) -> the decoder's paramet
 writes CKPT/params (an orbax checkpoint of {'decoder': ...}) and CKPT/decoder_config.json; a
 training config starts from it (or straight from DIR) with --config.init.decoder_from=CKPT.
 DIR's tokenizer.json is copied along (with tokenizer_config.json and config.json, which fix its
-special tokens' ids), so that a run with an empty data.tokenizer uses it from CKPT as it would
-from DIR (config_lib.tokenizer_path).
+special tokens' ids, and chat_template.jinja, where newer folders keep the chat template), so
+that a run with an empty data.tokenizer uses it from CKPT as it would from DIR
+(config_lib.tokenizer_path).
 
 Every tensor has one place: q/k/v (with bias, GQA), o, the SwiGLU MLP, both RMSNorms, the final
 norm, the embedding and, when untied, the LM head; per-layer tensors fill the stacked [L, ...]
@@ -32,8 +33,9 @@ from tuna2_jax.convert.hf_folder import ConversionError, Mapping
 ARCHITECTURES = ('Qwen2ForCausalLM',)
 DECODER_CONFIG_FILE = 'decoder_config.json'
 PARAMS_DIR = 'params'
-# Copied from the Hugging Face folder when it has a tokenizer.json: HFTokenizer reads all three.
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'config.json')
+# Copied from the Hugging Face folder when it has a tokenizer.json: HFTokenizer reads them all.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
+                   'config.json')
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 # Our decoder keys and the config.json keys they must equal.
 _SAME = (('width', 'hidden_size'), ('num_layers', 'num_hidden_layers'),

@@ -5,9 +5,11 @@ span is never split: each goes into the first of up to `num_bins` open rows with
 that fits none of them closes the window: its rows are emitted in order and the sample opens the
 next window. `sequence.pack` lays each row out (segments 1..n, span ids renumbered per row).
 
-Fault markers ({FAULT_KEY: reason index}, from records the loader skipped) are counted and the
-counts ride on the first row of their window as 'skipped/<reason>' scalars, so the counters
-reach the trainer through any number of worker processes.
+Fault markers ({FAULT_KEY: reason index, STREAM_KEY: the stream's task id}, from records the
+loader skipped) are counted and the counts ride on the first row of their window as
+'skipped/<reason>' scalars, so the counters reach the trainer through any number of worker
+processes. A stream whose last `max_consecutive_faults` records were all skipped stops the run
+with an error naming it (its data went missing or unreadable mid-run).
 
 The iterator state is (parent state at the window's start, rows already emitted from it):
 restoring re-reads and re-packs that window and drops the emitted rows, so a resumed iterator
@@ -25,24 +27,36 @@ from tuna2_jax.data import records
 from tuna2_jax.data import sequence as seq
 
 FAULT_KEY = 'fault'
+STREAM_KEY = 'fault_stream'
 SKIPPED_PREFIX = 'skipped/'
 SKIPPED_KEYS = tuple(SKIPPED_PREFIX + r for r in records.FAULT_REASONS)
 
 
-def fault_marker(reason: str) -> dict:
-  return {FAULT_KEY: np.int32(records.FAULT_REASONS.index(reason))}
+def fault_marker(reason: str, stream: int = 0) -> dict:
+  """A skipped record of the stream with task id `stream` (sequence.TASK_IDS; 0: unnamed)."""
+  return {FAULT_KEY: np.int32(records.FAULT_REASONS.index(reason)), STREAM_KEY: np.int32(stream)}
+
+
+def _stream_name(stream: int, stream_names: dict) -> str:
+  name = next((t for t, i in seq.TASK_IDS.items() if i == stream), None)
+  return stream_names.get(name, f'the {name} stream') if name else 'the data'
 
 
 class FirstFitPackIterDataset(grain.IterDataset):
   """Samples -> rows of seq_len tokens (sequence.FIELDS plus SKIPPED_KEYS scalars)."""
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, num_bins: int, patch_size: int,
-               pad_id: int, max_consecutive_faults: int = 10_000):
+               pad_id: int, max_consecutive_faults: int = 10_000,
+               stream_names: dict | None = None):
+    """stream_names: {task: how the error names its stream}, e.g. {'mmu': "data.mmu='a.jsonl'"}."""
     super().__init__(parent)
     if num_bins < 1:
       raise ValueError(f'num_bins={num_bins}: expected at least 1 open row')
+    if max_consecutive_faults < 1:
+      raise ValueError(f'max_consecutive_faults={max_consecutive_faults}: expected >= 1')
     self._kw = dict(seq_len=seq_len, num_bins=num_bins, patch_size=patch_size, pad_id=pad_id,
-                    max_consecutive_faults=max_consecutive_faults)
+                    max_consecutive_faults=max_consecutive_faults,
+                    stream_names=dict(stream_names or {}))
 
   def __iter__(self) -> '_PackIterator':
     return _PackIterator(self._parent.__iter__(), **self._kw)
@@ -54,8 +68,12 @@ class FirstFitPackIterDataset(grain.IterDataset):
 class _PackIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, num_bins: int,
-               patch_size: int, pad_id: int, max_consecutive_faults: int):
+               patch_size: int, pad_id: int, max_consecutive_faults: int, stream_names: dict):
     super().__init__(parent)
+    self._stream_names = stream_names
+    # Skipped records of each stream since its last sample; kept across windows (not in the
+    # state: a resumed run counts afresh, which only delays the error).
+    self._consecutive: dict[int, int] = {}
     self._seq_len, self._num_bins = seq_len, num_bins
     self._patch_size, self._pad_id = patch_size, pad_id
     self._max_faults = max_consecutive_faults
@@ -75,7 +93,6 @@ class _PackIterator(grain.DatasetIterator):
       start, bins, used = self._parent.get_state(), [], []
     self._carry = None
     faults = np.zeros(len(records.FAULT_REASONS), np.int64)
-    consecutive = 0
     while True:
       before = self._parent.get_state()
       try:
@@ -85,13 +102,16 @@ class _PackIterator(grain.DatasetIterator):
         break
       if FAULT_KEY in el:
         faults[int(el[FAULT_KEY])] += 1
-        consecutive += 1
-        if consecutive >= self._max_faults:
-          raise RuntimeError(f'the last {consecutive} records were all skipped (counts by reason: '
-                             f'{dict(zip(records.FAULT_REASONS, faults.tolist()))}); see the '
-                             'logged record locations and check the data paths')
+        stream = int(el.get(STREAM_KEY, 0))
+        self._consecutive[stream] = self._consecutive.get(stream, 0) + 1
+        if self._consecutive[stream] >= self._max_faults:
+          raise RuntimeError(
+              f'{_stream_name(stream, self._stream_names)}: its last {self._consecutive[stream]} '
+              'records were all skipped (this window\'s skips by reason: '
+              f'{ {r: int(c) for r, c in zip(records.FAULT_REASONS, faults) if c} }); see the '
+              'logged record locations and check the data paths')
         continue
-      consecutive = 0
+      self._consecutive[int(el['task'][0])] = 0
       n = len(el['tokens'])
       if n > self._seq_len:
         raise ValueError(f'a sample of {n} tokens exceeds seq_len={self._seq_len}; the loader '

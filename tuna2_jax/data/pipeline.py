@@ -16,6 +16,7 @@ run must use the same process count and data.worker_count as the run that saved 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 
@@ -68,7 +69,8 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
   while misfits < _MAX_MISFITS:
     ex = draw_shapes_example(rng, names[rng.choice(len(names), p=probs)], config.data)
     drop = rng.random() < config.objective.caption_dropout
-    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop)
+    s = tasks.format_example(ex, tok, config.model.patch_size, drop_prompt=drop,
+                             pixel_layout=config.model.pixel_layout)
     n = len(s['tokens'])
     if n > config.seq_len:
       raise ValueError(f'a {ex["task"]} sample has {n} tokens, more than seq_len='
@@ -117,20 +119,40 @@ class SampleMaker:
   stream: int
   fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
                                                   compare=False, repr=False)
+  pixel_layout: str = 'exact'  # model.pixel_layout: 'official' lays spans out as its training
 
-  def __call__(self, index: int, item) -> dict:
+  def sample(self, index: int, item, may_drop_prompt: bool = True) -> dict:
+    """The formatted sample; raises records.Fault (with `where` set) when it is skipped.
+
+    Whatever a record holds, nothing but a Fault leaves here: an unexpected error while loading
+    or formatting one record is the fault 'load_error', so no record can stop a run.
+    """
     rng = np.random.default_rng([self.seed, self.stream, index, 1])  # apart from the loader's
     where = item[0]
     try:
       where, ex = self.loader(item)
-      s = tasks.format_example(ex, self.tok, self.patch_size,
-                               drop_prompt=rng.random() < self.caption_dropout)
-      if len(s['tokens']) > self.seq_len:
-        raise records.Fault('too_long', f'{len(s["tokens"])} tokens > seq_len={self.seq_len}')
-      return s
+      drop = may_drop_prompt and rng.random() < self.caption_dropout
+      s = tasks.format_example(ex, self.tok, self.patch_size, drop_prompt=drop,
+                               pixel_layout=self.pixel_layout)
+    except records.Fault:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      fault = records.Fault('load_error', f'{type(e).__name__}: {e}')
+      fault.where = where
+      raise fault from e
+    if len(s['tokens']) > self.seq_len:
+      fault = records.Fault('too_long', f'a sample of {len(s["tokens"])} tokens > '
+                            f'seq_len={self.seq_len}')
+      fault.where, fault.tokens = where, len(s['tokens'])
+      raise fault
+    return s
+
+  def __call__(self, index: int, item) -> dict:
+    try:
+      return self.sample(index, item)
     except records.Fault as fault:
-      self.fault_log(where, fault)
-      return packing.fault_marker(fault.reason)
+      self.fault_log(getattr(fault, 'where', item[0]), fault)
+      return packing.fault_marker(fault.reason, self.stream)
 
 
 def active_streams(config: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
@@ -158,6 +180,9 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.name={config.data.name!r}: expected "shapes" or "mixture"')
   images_lib.check_buckets(config.data.buckets, config.model.patch_size)
   images_lib.check_resampler(config.data.resize)
+  for key in ('max_text_chars', 'max_image_pixels', 'max_consecutive_skips'):
+    if config.data[key] < 1:
+      raise ValueError(f'data.{key}={config.data[key]}: expected a positive integer')
   streams = active_streams(config)
   for task, weight in config.data.weights.items():
     if weight > 0 and not config.data[task]:
@@ -169,26 +194,73 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       sources.check_stream(task, spec, config.data.image_root[task])
 
 
-def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
-                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """One task stream: this process's records, shuffled, repeated, loaded and formatted."""
+def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
+                 process_index: int, process_count: int) -> tuple[grain.MapDataset, int,
+                                                                  SampleMaker]:
+  """(this process's records, shuffled and repeated; how many there are; their SampleMaker)."""
   data, stream = config.data, seq.TASK_IDS[task]
   if spec == SHAPES_SPEC:
     items = grain.MapDataset.range(_NUM_ROWS).map(_shapes_item)
     loader = _ShapesLoader(task, data, config.seed)
   else:
     items = sources.open_stream(task, spec, data.tfds_fields[task])
-    loader = sources.stream_loader(task, spec, data.image_root[task], data.buckets, data.resize)
+    loader = sources.stream_loader(task, spec, data.image_root[task], data.buckets, data.resize,
+                                   absolute_paths=data.absolute_paths,
+                                   max_text_chars=data.max_text_chars,
+                                   max_image_pixels=data.max_image_pixels)
   total = len(items)
   items = items[process_index::process_count]
-  if len(items) == 0:
+  count = len(items)
+  if count == 0:
     raise ValueError(f'data.{task}={spec!r} has {total} records, too few for process '
                      f'{process_index} of {process_count}')
   if spec != SHAPES_SPEC:  # shapes items are endless and already random
     items = items.shuffle(seed=config.seed * 1000 + stream).repeat()
-  return items.map_with_index(SampleMaker(
-      loader, tok, config.model.patch_size, config.seq_len,
-      config.objective.caption_dropout, config.seed, stream))
+  maker = SampleMaker(loader, tok, config.model.patch_size, config.seq_len,
+                      config.objective.caption_dropout, config.seed, stream,
+                      pixel_layout=config.model.pixel_layout)
+  return items, count, maker
+
+
+def stream_dataset(config: ml_collections.ConfigDict, task: str, spec: str, tok: Tokenizer, *,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """One task stream: this process's records, shuffled, repeated, loaded and formatted."""
+  items, _, maker = stream_parts(config, task, spec, tok, process_index=process_index,
+                                 process_count=process_count)
+  return items.map_with_index(maker)
+
+
+def check_streams(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
+                  process_count: int = 1) -> None:
+  """Raises ValueError, naming the stream and why, for a stream that cannot train: none of the
+  first data.check_records records it would train on (in its shuffled order) gives a sample
+  that fits seq_len, because all are skipped (by reason, with the first one's location) or
+  none fits (with the shortest sample's length). A healthy stream costs one record."""
+  if config.data.name != 'mixture' or config.data.check_records <= 0:
+    return
+  for task, spec, _ in active_streams(config):
+    items, count, maker = stream_parts(config, task, spec, tok, process_index=process_index,
+                                       process_count=process_count)
+    reasons, first, lengths = collections.Counter(), {}, []
+    checked = min(config.data.check_records, count)
+    for i in range(checked):
+      try:
+        maker.sample(i, items[i], may_drop_prompt=False)  # it must fit with its prompt
+        break
+      except records.Fault as fault:
+        reasons[fault.reason] += 1
+        first.setdefault(fault.reason, f'{getattr(fault, "where", "?")}: {fault.detail}')
+        if hasattr(fault, 'tokens'):
+          lengths.append(fault.tokens)
+    else:
+      counts = ', '.join(f'{r} {n}' for r, n in reasons.most_common())
+      why = f'none of its first {checked} records can be trained on (skipped: {counts})'
+      if len(lengths) == checked:
+        why = (f'its samples never fit seq_len={config.seq_len}: none of its first {checked} '
+               f'records does (the shortest has {min(lengths)} tokens); raise '
+               f'--config.seq_len to at least {min(lengths)}, or use shorter records')
+      detail = '; '.join(f'first {r}: {w}' for r, w in first.items())
+      raise ValueError(f'data.{task}={spec!r}: {why}; {detail}')
 
 
 def mixed_samples(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
@@ -210,8 +282,10 @@ def mixture_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, local_
                      process_count=process_count).to_iter_dataset(
                          grain.ReadOptions(num_threads=data.read_threads,
                                            prefetch_buffer_size=data.read_buffer))
-  it = packing.FirstFitPackIterDataset(it, seq_len=config.seq_len, num_bins=data.pack_bins,
-                                       patch_size=config.model.patch_size, pad_id=tok.pad_id)
+  it = packing.FirstFitPackIterDataset(
+      it, seq_len=config.seq_len, num_bins=data.pack_bins, patch_size=config.model.patch_size,
+      pad_id=tok.pad_id, max_consecutive_faults=data.max_consecutive_skips,
+      stream_names={t: f'data.{t}={spec!r}' for t, spec, _ in active_streams(config)})
   it = it.batch(local_batch, drop_remainder=True)
   if data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))

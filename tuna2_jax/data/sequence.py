@@ -17,6 +17,12 @@ Every row is a dict of numpy arrays over T token slots:
 Layouts (ARCHITECTURE.md): image span = [time][patches]; t2i = [BOS] prompt [BOI] span [EOI]
 [EOS]; understanding = [BOS] [BOI] span [EOI] question answer [EOS]; editing = [BOS] [BOI] src
 [EOI] instruction [BOI] target [EOI] [EOS]; text = [BOS] text [EOS].
+
+Training rows for official Tuna-2 weights (model.pixel_layout='official', `assemble`'s
+pixel_layout) lay each span out as the official training data does: its length is the number
+of patches, so it holds the time token and every patch but the last; the last patch's pixels
+ride in the time slot (which the model never reads as pixels), because the official targets,
+strips of p*p raster pixels (`strips`), still cover most of them (objectives.flow_target).
 """
 
 from __future__ import annotations
@@ -76,15 +82,36 @@ def unpatchify(patches_NP, height: int, width: int, p: int):
   return blocks.reshape(height, width, c)
 
 
-def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int) -> dict:
+def strips(image_HWC, p: int):
+  """The official Tuna-2 output layout: [H, W, C] -> [H*W/(p*p), p*p*C], token k holding raster
+  pixels k*p*p .. (k+1)*p*p - 1, pixel-major and channel-minor (not the blocks of patchify)."""
+  h, w, c = image_HWC.shape
+  return image_HWC.reshape(h * w // (p * p), p * p * c)
+
+
+def unpatchify_strips(tokens_NP, height: int, width: int, p: int):
+  """Inverse of `strips` (the official unpatchify): [N, p*p*C] -> [H, W, C]."""
+  return tokens_NP.reshape(height, width, tokens_NP.shape[-1] // (p * p))
+
+
+PIXEL_LAYOUTS = ('exact', 'official')
+
+
+def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int,
+             pixel_layout: str = 'exact') -> dict:
   """Lays pieces out as one sample's per-token arrays (segment 1, span ids from 1).
 
+  pixel_layout 'official': training spans as the official Tuna-2 data builds them (module
+  docstring); 'exact' (and every inference prompt): the time token and all patches.
   Built piece by piece with numpy (no per-token Python loop): a 1024-patch image costs a few
   array writes, which keeps the data pipeline's per-image cost dominated by decoding.
   """
+  if pixel_layout not in PIXEL_LAYOUTS:
+    raise ValueError(f'pixel_layout {pixel_layout!r}: expected one of {PIXEL_LAYOUTS}')
+  dropped = int(pixel_layout == 'official')  # patches left out of each span
   pdim = patch_size * patch_size * 3
   lengths = [len(p.ids) if isinstance(p, Text) else
-             1 + (p.pixels.shape[0] // patch_size) * (p.pixels.shape[1] // patch_size)
+             1 - dropped + (p.pixels.shape[0] // patch_size) * (p.pixels.shape[1] // patch_size)
              for p in pieces]
   length = sum(lengths)
   tokens = np.empty(length, np.int32)
@@ -96,7 +123,9 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
   positions = np.arange(length, dtype=np.int32)
   pos3 = np.repeat(positions[:, None], 3, axis=1)
   patch_grid = np.zeros((length, 4), np.int32)
-  patches = np.zeros((length, pdim), np.uint8)
+  # uint8 from the data pipeline; float pixels (tests, references) keep their type.
+  pixel_dtype = next((p.pixels.dtype for p in pieces if isinstance(p, Image)), np.uint8)
+  patches = np.zeros((length, pdim), pixel_dtype)
   offset, span = 0, 0
   for piece, n in zip(pieces, lengths):
     sl = slice(offset, offset + n)
@@ -114,8 +143,12 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
     is_time[offset] = True
     body = slice(offset + 1, offset + n)
     is_patch[body] = True
-    patchify(piece.pixels, patch_size, out=patches[body])
-    patch_grid[body] = grid_of(gh, gw)
+    if dropped:  # the last patch's pixels go to the time slot
+      patches[offset:offset + n] = np.roll(patchify(piece.pixels, patch_size), 1, axis=0)
+      patch_grid[body] = grid_of(gh, gw)[:-1]
+    else:
+      patchify(piece.pixels, patch_size, out=patches[body])
+      patch_grid[body] = grid_of(gh, gw)
     start = offset + 1
     pos3[body] = start
     pos3[body, 1] += patch_grid[body, 0]

@@ -14,6 +14,7 @@ anything unusable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -85,6 +86,13 @@ class JsonlSource:
 
   def __repr__(self) -> str:
     return f'JsonlSource({self.path!r}, {len(self)} lines)'
+
+
+@functools.lru_cache(maxsize=8)
+def _jsonl_source(path: str, mtime_ns: int, size: int) -> JsonlSource:
+  """One line index per file version: the start-up stream check and the run share it."""
+  del mtime_ns, size  # the cache key: a changed file is indexed again
+  return JsonlSource(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,16 +181,36 @@ def stream_kind(spec: str, task: str) -> str:
                           f'an ArrayRecord folder or {TFDS_PREFIX}NAME[:SPLIT]')
 
 
-def check_written_for(spec: str, task: str) -> None:
-  """Raises if the ArrayRecord folder's meta.json says it was converted for another task."""
+def check_converted(spec: str, task: str) -> dict:
+  """The meta.json of a complete conversion into `spec` for `task`; raises ValueError for a
+  folder without one (an interrupted conversion, or shards of another tool), a meta.json that
+  does not parse or lists shards that are not there, or one converted for another task."""
   meta_path = os.path.join(spec, META_FILE)
-  if not os.path.isfile(meta_path):
-    return  # shards written by other tools: their records carry their task (RecordLoader checks)
-  with open(meta_path) as f:
-    written_for = json.load(f).get('task')
-  if written_for != task:
-    raise ValueError(f'data.{task}={spec!r} holds {written_for!r} records (see {meta_path}); '
+  expected = 'expected a folder written by python -m tuna2_jax.data.convert, which writes ' \
+             f'{META_FILE} after every shard'
+  try:
+    with open(meta_path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f'data.{task}={spec!r} has shards but no {META_FILE}: not a complete '
+                     f'conversion; {expected}') from None
+  except (OSError, ValueError) as e:
+    raise ValueError(f'data.{task}={spec!r}: {meta_path} cannot be read ({e}); {expected}') \
+        from None
+  if not isinstance(meta, dict) or not {'task', 'records', 'shards'} <= set(meta):
+    raise ValueError(f'data.{task}={spec!r}: {meta_path} lacks task / records / shards; '
+                     f'{expected}')
+  if meta['task'] != task:
+    raise ValueError(f'data.{task}={spec!r} holds {meta["task"]!r} records (see {meta_path}); '
                      f'expected {task!r} records')
+  files = meta.get('files') or []
+  missing = [n for n in files if not os.path.isfile(os.path.join(spec, n))]
+  found = len(glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)))
+  if missing or found != meta['shards']:
+    raise ValueError(f'data.{task}={spec!r}: {meta_path} lists {meta["shards"]} shards, the '
+                     f'folder holds {found}{f" and lacks {missing[:3]}" if missing else ""}; '
+                     f'{expected}')
+  return meta
 
 
 def check_stream(task: str, spec: str, configured_root: str = '') -> None:
@@ -191,7 +219,7 @@ def check_stream(task: str, spec: str, configured_root: str = '') -> None:
   does not know (or no tensorflow-datasets), a configured image root that is not a folder."""
   kind = stream_kind(spec, task)
   if kind == 'array_record':
-    check_written_for(spec, task)
+    check_converted(spec, task)
   elif kind == 'tfds':
     check_tfds(spec, task)
   if configured_root and not os.path.isdir(configured_root):
@@ -204,10 +232,11 @@ def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset
   """The stream's records as a MapDataset of (where, payload)."""
   kind = stream_kind(spec, task)
   if kind == 'jsonl':
-    return grain.MapDataset.source(JsonlSource(spec))
+    stat = os.stat(spec)
+    return grain.MapDataset.source(_jsonl_source(spec, stat.st_mtime_ns, stat.st_size))
   if kind == 'tfds':
     return grain.MapDataset.source(TfdsRecords(spec, task, tfds_fields or TFDS_FIELDS[task]))
-  check_written_for(spec, task)
+  check_converted(spec, task)
   paths = sorted(glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)))
   source = grain.sources.ArrayRecordDataSource(paths)
   return grain.MapDataset.source(source).map_with_index(_Locate(spec))
@@ -215,64 +244,73 @@ def open_stream(task: str, spec: str, tfds_fields: str = '') -> grain.MapDataset
 
 @dataclasses.dataclass(frozen=True)
 class RecordLoader:
-  """Raw item -> example dict for data/tasks.py (images decoded onto buckets, uint8)."""
+  """Raw item -> (where, example dict for data/tasks.py), images decoded onto buckets (uint8).
+
+  Raises records.Fault, with its `where` set to the record's location, for anything unusable.
+  absolute_ok: absolute image paths are allowed anywhere (records.resolve_image).
+  """
   task: str
   kind: str
   image_root: str
   buckets: tuple[tuple[int, int], ...]
   resampler: str = 'pillow'  # images.RESAMPLERS
+  absolute_ok: bool = False
+  max_text_chars: int = records.MAX_TEXT_CHARS
+  max_image_pixels: int = records.MAX_IMAGE_PIXELS
 
   def __call__(self, item: tuple[str, Any]) -> tuple[str, dict]:
     where, payload = item
-    if self.kind == 'jsonl':
-      rec = records.parse_json_line(payload)
-      records.check_fields(self.task, rec)
-      blobs = {k: records.read_image_bytes(self.image_root, rec[k])
-               for k in records.IMAGE_KEYS[self.task]}
-    elif self.kind == 'array_record':
-      task, rec, blobs, origin = records.decode_record(payload)
-      if task != self.task:
-        raise records.Fault('bad_field', f'record of task {task!r} in the {self.task} stream')
-      where = f'{where} ({origin})'
-      records.check_fields(self.task, {**rec, **{k: '-' for k in blobs}})
-    else:
-      rec, blobs = _from_tfds(self.task, payload)
-    pixels = {k: self._pixels(v, k) for k, v in blobs.items()}
-    return where, to_example(self.task, rec, pixels)
+    try:
+      if self.kind == 'jsonl':
+        record = records.normalise(self.task, records.parse_json_line(payload),
+                                   self.max_text_chars)
+        blobs = {k: records.read_image_bytes(self.image_root, path, self.absolute_ok)
+                 for k, path in record.images.items()}
+      elif self.kind == 'array_record':
+        task, rec, blobs, origin = records.decode_record(payload)
+        where = f'{where} ({origin})'
+        if task != self.task:
+          raise records.Fault('bad_field', f'record of task {task!r} in the {self.task} stream')
+        record = records.normalise(self.task, rec, self.max_text_chars)
+      else:
+        record, blobs = _from_tfds(self.task, payload, self.max_text_chars)
+      pixels = {k: self._pixels(v, f'{k} {record.images[k]!r}') for k, v in blobs.items()}
+    except records.Fault as fault:
+      fault.where = where
+      raise
+    return where, to_example(self.task, record, pixels)
 
-  def _pixels(self, blob, key: str) -> np.ndarray:
+  def _pixels(self, blob, what: str) -> np.ndarray:
     if isinstance(blob, np.ndarray):  # TFDS decodes images itself
       if blob.ndim == 2:
         blob = np.repeat(blob[..., None], 3, axis=-1)
+      if blob.dtype == np.uint16:
+        blob = (blob.astype(np.uint32) * 255 + 32767) // 65535
       return images_lib.to_bucket(Image.fromarray(blob[..., :3].astype(np.uint8)), self.buckets,
                                   self.resampler)
-    return images_lib.decode_to_bucket(blob, self.buckets, what=key, resampler=self.resampler)
+    return images_lib.decode_to_bucket(blob, self.buckets, what=what, resampler=self.resampler,
+                                       max_pixels=self.max_image_pixels)
 
 
-def _from_tfds(task: str, payload: dict) -> tuple[dict, dict]:
+def _from_tfds(task: str, payload: dict, max_text_chars: int) -> tuple[records.Record, dict]:
   rec = dict(payload)
   if task in ('mmu', 'text') and 'conversations' not in rec:
     if 'question' in rec and 'answer' in rec:
       rec['conversations'] = [{'from': 'human', 'value': str(rec.pop('question'))},
                               {'from': 'gpt', 'value': str(rec.pop('answer'))}]
   blobs = {k: rec.pop(k) for k in records.IMAGE_KEYS[task] if k in rec}
-  records.check_fields(task, {**rec, **{k: '-' for k in blobs}})
-  return rec, blobs
+  record = records.normalise(task, {**rec, **{k: k for k in blobs}}, max_text_chars)
+  return record, blobs
 
 
-def to_example(task: str, rec: dict, pixels: dict[str, np.ndarray]) -> dict:
-  """A checked record with decoded images -> the example dict data/tasks.py formats."""
-  if task == 't2i':
-    return {'task': task, 'prompt': rec['caption'], 'image': pixels['image']}
-  if task == 'edit':
-    return {'task': task, 'source': pixels['raw_image'], 'instruction': rec['instruction'],
-            'target': pixels['out_image']}
-  if task == 'text' and 'conversations' not in rec:
-    return {'task': task, 'text': rec['text']}
-  ex = {'task': task, 'turns': records.conversation_turns(rec['conversations'])}
-  if task == 'mmu':
-    ex['image'] = pixels['image']
-  return ex
+# Example keys of each task's images (data/tasks.py).
+_EXAMPLE_IMAGE_KEYS = {'image': 'image', 'raw_image': 'source', 'out_image': 'target'}
+
+
+def to_example(task: str, record: records.Record, pixels: dict[str, np.ndarray]) -> dict:
+  """A normalised record with decoded images -> the example dict data/tasks.py formats."""
+  return {'task': task, **record.text,
+          **{_EXAMPLE_IMAGE_KEYS[k]: v for k, v in pixels.items()}}
 
 
 def image_root(spec: str, configured: str) -> str:
@@ -281,6 +319,12 @@ def image_root(spec: str, configured: str) -> str:
 
 
 def stream_loader(task: str, spec: str, configured_root: str,
-                  buckets: Sequence[tuple[int, int]], resampler: str = 'pillow') -> RecordLoader:
+                  buckets: Sequence[tuple[int, int]], resampler: str = 'pillow', *,
+                  absolute_paths: bool = False, max_text_chars: int = records.MAX_TEXT_CHARS,
+                  max_image_pixels: int = records.MAX_IMAGE_PIXELS) -> RecordLoader:
+  """The stream's loader; absolute image paths are allowed anywhere when no image root is
+  configured or absolute_paths is set (else only inside the configured root)."""
   return RecordLoader(task, stream_kind(spec, task), image_root(spec, configured_root),
-                      tuple(map(tuple, buckets)), resampler)
+                      tuple(map(tuple, buckets)), resampler,
+                      absolute_ok=absolute_paths or not configured_root,
+                      max_text_chars=max_text_chars, max_image_pixels=max_image_pixels)

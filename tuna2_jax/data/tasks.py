@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tuna2_jax.data import chat_template
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -21,10 +22,13 @@ def chat_pieces(turns, tok: Tokenizer) -> list[seq.Piece]:
   """The chat template; only the assistant's replies and their end marker are trained (the
   marker is where a reply stops), never the role markers or other turns.
 
-  With ChatML markers in the tokenizer (Qwen's, the format Qwen2.5-Instruct was tuned on) a turn
-  is `<|im_start|>role\ntext<|im_end|>\n`; otherwise it is 'role: text' on its own line with
-  an assistant reply ending in EOS.
+  A tokenizer with its own chat template follows it (data/chat_template.py). Otherwise, with
+  ChatML markers in the tokenizer (Qwen's, the format Qwen2.5-Instruct was tuned on) a turn is
+  `<|im_start|>role\ntext<|im_end|>\n`; else it is 'role: text' on its own line with an
+  assistant reply ending in EOS.
   """
+  if tok.chat_template:
+    return chat_template.chat_pieces(turns, tok)
   markers = tok.chatml_ids()
   pieces = []
   for role, text in turns:
@@ -45,7 +49,10 @@ def chat_pieces(turns, tok: Tokenizer) -> list[seq.Piece]:
 
 
 def reply_end_id(tok: Tokenizer) -> int:
-  """The token that ends a reply: <|im_end|> under ChatML, else EOS."""
+  """The token that ends a reply: the chat template's (chat_template.reply_end), <|im_end|>
+  under ChatML, else EOS."""
+  if tok.chat_template:
+    return chat_template.reply_end(tok)[1]
   markers = tok.chatml_ids()
   return markers[1] if markers else tok.eos_id
 
@@ -61,7 +68,7 @@ def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[se
             seq.Text([tok.eoi_id])] + chat_pieces(ex['turns'], tok)
   if task == 'text' and 'turns' in ex:
     return [seq.Text([tok.bos_id])] + chat_pieces(ex['turns'], tok)
-  if task == 'mmu' and tok.chatml_ids():  # a question and its answer as a chat
+  if task == 'mmu' and (tok.chat_template or tok.chatml_ids()):  # a question + answer as a chat
     return [seq.Text([tok.bos_id, tok.boi_id]), seq.Image(ex['image']), seq.Text([tok.eoi_id])
             ] + chat_pieces([('user', ex['question']), ('assistant', ex['answer'])], tok)
   if task == 'mmu':
@@ -77,10 +84,12 @@ def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[se
   raise ValueError(f'task {task!r}: expected one of {tuple(seq.TASK_IDS)}')
 
 
-def format_example(ex: dict, tok: Tokenizer, patch_size: int, *,
-                   drop_prompt: bool = False) -> dict:
+def format_example(ex: dict, tok: Tokenizer, patch_size: int, *, drop_prompt: bool = False,
+                   pixel_layout: str = 'exact') -> dict:
+  """A training sample; pixel_layout 'official' lays its spans out as official training does
+  (data/sequence.py)."""
   return seq.assemble(to_pieces(ex, tok, drop_prompt=drop_prompt), ex['task'],
-                      img_id=tok.img_id, patch_size=patch_size)
+                      img_id=tok.img_id, patch_size=patch_size, pixel_layout=pixel_layout)
 
 
 def generation_prompt(prompt: str, tok: Tokenizer, image_hw: tuple[int, int], patch_size: int,
@@ -104,6 +113,9 @@ def understanding_prompt(image: np.ndarray, question: str, tok: Tokenizer,
   """[BOS] [BOI] image [EOI] question (as a user turn under ChatML): the prefix a text decoder
   continues with the answer, which ends with reply_end_id."""
   ex = {'task': 'mmu', 'image': image, 'question': question, 'answer': ''}
+  if tok.chat_template:  # the template's own generation prompt
+    pieces = to_pieces(ex, tok)[:3] + chat_template.prompt_pieces([('user', question)], tok)
+    return seq.assemble(pieces, 'mmu', img_id=tok.img_id, patch_size=patch_size)
   # The training layout without the trained reply (and, under ChatML, the newline after it).
   pieces = to_pieces(ex, tok)[:-2 if tok.chatml_ids() else -1]
   return seq.assemble(pieces, 'mmu', img_id=tok.img_id, patch_size=patch_size)

@@ -8,7 +8,9 @@ Every tokenizer gives the ids the sequence format needs: pad, bos, eos and the i
 <boi>, <eoi>, <img>. None of them can be produced from text: SentencePiece control symbols are
 never emitted by encode, and the Hugging Face tokenizer gets the ones it lacks appended after its
 vocabulary (and after the model's embedding rows, read from config.json beside it), outside
-anything its pre-tokenizer can match. `Tokenizer.load(path)` picks the implementation.
+anything its pre-tokenizer can match. `Tokenizer.load(path)` picks the implementation. A Hugging
+Face tokenizer's own chat template (tokenizer_config.json `chat_template`, or chat_template.jinja
+beside it) lays out conversations when it has one (data/chat_template.py).
 
 Regenerate the shipped model (deterministic, under a second):
 
@@ -33,6 +35,9 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # that spells '<img>' cannot forge an image position.
 BOI, EOI, IMG = '<boi>', '<eoi>', '<img>'
 HF_TOKENIZER_FILE = 'tokenizer.json'
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'  # where transformers >= 4.43 saves the template
+# The files of a Hugging Face tokenizer folder HFTokenizer reads (config.json aside).
+HF_TOKENIZER_FILES = (HF_TOKENIZER_FILE, 'tokenizer_config.json', CHAT_TEMPLATE_FILE)
 CHATML_MARKERS = ('<|im_start|>', '<|im_end|>')
 
 
@@ -47,19 +52,25 @@ class Tokenizer(abc.ABC):
   img_id: int
 
   @staticmethod
-  def load(path: str | None = None) -> 'Tokenizer':
+  def load(path: str | None = None, special: dict | None = None) -> 'Tokenizer':
     """'' or None: the shipped model; a .model file: SentencePiece; a tokenizer.json or a folder
-    holding one: Hugging Face."""
+    holding one: Hugging Face. special: {role: token} naming the tokens of roles bos, eos, pad,
+    boi, eoi, img ('' = the tokenizer's own, or an appended one); Hugging Face only."""
     path = path or SHIPPED_MODEL
+    named = {k: v for k, v in (special or {}).items() if v}
     if path.endswith('.json') or epath.Path(path).is_dir():
-      return HFTokenizer.load(path)
+      return HFTokenizer.load(path, **named)
+    if named:
+      raise ValueError(f'data.special_tokens {named} name tokens, which only a Hugging Face '
+                       f'tokenizer supports; {path!r} is a SentencePiece model')
     return SentencePieceTokenizer.load(path)
 
   @staticmethod
   def for_config(config) -> 'Tokenizer':
     """The tokenizer a run's config names (config_lib.tokenizer_path: data.tokenizer, else the
     pretrained decoder's or the previous stage's, else the shipped model)."""
-    return Tokenizer.load(config_lib.tokenizer_path(config) or None)
+    return Tokenizer.load(config_lib.tokenizer_path(config) or None,
+                          dict(config.data.get('special_tokens') or {}))
 
   @property
   @abc.abstractmethod
@@ -97,7 +108,22 @@ class Tokenizer(abc.ABC):
 
   def chatml_ids(self) -> tuple[int, int] | None:
     """(<|im_start|>, <|im_end|>) when the tokenizer has ChatML's turn markers (Qwen's), which
-    conversations then use (data/tasks.py:chat_pieces); None otherwise."""
+    conversations use when it has no chat template of its own (data/tasks.py:chat_pieces);
+    None otherwise."""
+    return None
+
+  @property
+  def chat_template(self) -> str | None:
+    """The tokenizer's own Jinja chat template, which conversations then follow
+    (data/chat_template.py); None when it has none."""
+    return None
+
+  def template_tokens(self) -> dict[str, str]:
+    """The special tokens' text a chat template may use (bos_token, eos_token, ...)."""
+    return {}
+
+  def added_token_at(self, text: str) -> tuple[str, int] | None:
+    """(token text, id) of the longest special token `text` starts with, or None."""
     return None
 
 
@@ -169,29 +195,54 @@ def _token_name(value) -> str | None:
   return value.get('content') if isinstance(value, dict) else value
 
 
+def _default_template(value, where) -> str | None:
+  """tokenizer_config.json's chat_template: a string, or a list of {'name', 'template'} whose
+  'default' entry is the conversation template."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    if 'default' in named:
+      return named['default']
+    raise ValueError(f'{os.fspath(where)}: chat_template lists {sorted(map(str, named))}; '
+                     'expected one named "default"')
+  raise ValueError(f'{os.fspath(where)}: chat_template is a {type(value).__name__}; expected '
+                   'a string or a list of {"name", "template"}')
+
+
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` tokenizer (tokenizer.json).
 
   bos / eos / pad are the named tokens when the tokenizer has them (tokenizer_config.json beside
   it names them); every special token it lacks, and the image markers, get ids after its
   vocabulary, from first_added_id on when that is larger (the model's embedding rows), in the
-  order bos, eos, pad, <boi>, <eoi>, <img>.
+  order bos, eos, pad, <boi>, <eoi>, <img>. boi / eoi / img may name tokens too; `appended`
+  names tokens the tokenizer lacks that are added right after its vocabulary, as the official
+  Tuna-2 tokenizer adds its [PAD].
   """
 
   def __init__(self, tokenizer, *, bos: str | None = None, eos: str | None = None,
-               pad: str | None = None, first_added_id: int = 0, name: str = '<memory>'):
+               pad: str | None = None, boi: str | None = None, eoi: str | None = None,
+               img: str | None = None, appended: tuple[str, ...] = (), first_added_id: int = 0,
+               name: str = '<memory>', chat_template: str | None = None):
     self._tok = tokenizer
+    self._chat_template = chat_template or None
+    self._template_tokens = {f'{role}_token': token or '' for role, token in
+                             (('bos', bos), ('eos', eos), ('pad', pad))}
     self._base = tokenizer.get_vocab_size(with_added_tokens=True)
-    next_id = max(self._base, first_added_id)
     self._added: dict[int, str] = {}
+    own = {t: self._base + i for i, t in enumerate(appended)}
+    self._added.update({i: t for t, i in own.items()})
+    next_id = self._base + len(own)
     ids = {}
-    for role, token in (('bos', bos), ('eos', eos), ('pad', pad), ('boi', None), ('eoi', None),
-                        ('img', None)):
+    for role, token in (('bos', bos), ('eos', eos), ('pad', pad), ('boi', boi), ('eoi', eoi),
+                        ('img', img)):
       if token is not None:
-        ids[role] = tokenizer.token_to_id(token)
+        ids[role] = own.get(token, tokenizer.token_to_id(token))
         if ids[role] is None:
           raise ValueError(f'tokenizer {name!r} has no token {token!r} (its {role} token)')
       else:
+        next_id = max(next_id, first_added_id)
         ids[role] = next_id
         self._added[next_id] = {'boi': BOI, 'eoi': EOI, 'img': IMG}.get(role, f'<{role}>')
         next_id += 1
@@ -202,22 +253,32 @@ class HFTokenizer(Tokenizer):
     self.boi_id, self.eoi_id, self.img_id = ids['boi'], ids['eoi'], ids['img']
 
   @classmethod
-  def load(cls, path: str) -> 'HFTokenizer':
-    """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json)."""
+  def load(cls, path: str, **named: str) -> 'HFTokenizer':
+    """A tokenizer.json, or a folder holding one (with tokenizer_config.json, config.json).
+
+    named: {role: token} overriding tokenizer_config.json's; a named token the tokenizer lacks
+    is appended right after its vocabulary.
+    """
     import tokenizers
     given = epath.Path(path)
     folder, file = (given, given / HF_TOKENIZER_FILE) if given.is_dir() else (given.parent, given)
     if not file.is_file():
       raise FileNotFoundError(f'tokenizer {os.fspath(file)!r} not found')
-    special = {}
+    special, template = {}, None
     if (folder / 'tokenizer_config.json').is_file():
       config = json.loads((folder / 'tokenizer_config.json').read_text())
       special = {role: _token_name(config.get(f'{role}_token')) for role in ('bos', 'eos', 'pad')}
+      template = _default_template(config.get('chat_template'), folder / 'tokenizer_config.json')
+    if (folder / CHAT_TEMPLATE_FILE).is_file():  # transformers reads this one first
+      template = (folder / CHAT_TEMPLATE_FILE).read_text()
     rows = 0
     if (folder / 'config.json').is_file():
       rows = int(json.loads((folder / 'config.json').read_text()).get('vocab_size') or 0)
-    return cls(tokenizers.Tokenizer.from_str(file.read_text()), first_added_id=rows,
-               name=os.fspath(file), **special)
+    tok = tokenizers.Tokenizer.from_str(file.read_text())
+    special.update(named)
+    appended = tuple(dict.fromkeys(t for t in named.values() if tok.token_to_id(t) is None))
+    return cls(tok, first_added_id=rows, name=os.fspath(file), appended=appended,
+               chat_template=template, **special)
 
   @property
   def vocab_size(self) -> int:
@@ -229,6 +290,18 @@ class HFTokenizer(Tokenizer):
 
   def chatml_ids(self) -> tuple[int, int] | None:
     return self._chatml
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._chat_template
+
+  def template_tokens(self) -> dict[str, str]:
+    return dict(self._template_tokens)
+
+  def added_token_at(self, text: str) -> tuple[str, int] | None:
+    found = [(t.content, i) for i, t in self._tok.get_added_tokens_decoder().items()
+             if t.content and text.startswith(t.content)]
+    return max(found, key=lambda x: len(x[0])) if found else None
 
   def pieces(self) -> list[str]:
     return [self._added.get(i) or self._tok.id_to_token(i) or '' for i in range(self._vocab)]

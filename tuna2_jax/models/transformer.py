@@ -89,7 +89,7 @@ class SelfAttention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
-      q, k = rope_lib.apply_rope(q, *rope), rope_lib.apply_rope(k, *rope)
+      q, k = rope_lib.rotate(q, rope), rope_lib.rotate(k, rope)
     q, k, v = (checkpoint_name(a, 'qkv') for a in (q, k, v))
     if cache is not None:
       start = (0, cache['index'], 0, 0)

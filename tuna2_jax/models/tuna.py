@@ -19,13 +19,14 @@ from tuna2_jax import sharding
 from tuna2_jax.data.sequence import FIELDS
 from tuna2_jax.models.attention import IMPLS, MaskInfo
 from tuna2_jax.models.decoder import Decoder
-from tuna2_jax.models.flow_head import FlowHead
+from tuna2_jax.models.flow_head import FlowHead, head_rope, timestep_embedder
 from tuna2_jax.models.patch_embed import PatchEmbed
-from tuna2_jax.models.timestep import TimestepEmbedder
+from tuna2_jax.models.timestep import ORDERS
 from tuna2_jax.models.transformer import RESIDUAL, dtype_of, empty_kv_cache
 from tuna2_jax.models.vision_encoder import VisionEncoder
 
 VISIONS = ('patch', 'encoder')
+PIXEL_LAYOUTS = ('exact', 'official')
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None = None) -> None:
@@ -34,6 +35,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
     raise ValueError(f'model.vision={cfg.vision!r}: expected one of {VISIONS}')
   if cfg.attention not in IMPLS:
     raise ValueError(f'model.attention={cfg.attention!r}: expected one of {IMPLS}')
+  if cfg.pixel_layout not in PIXEL_LAYOUTS:
+    raise ValueError(f'model.pixel_layout={cfg.pixel_layout!r}: expected one of {PIXEL_LAYOUTS}')
+  if cfg.time_embed_order not in ORDERS:
+    raise ValueError(f'model.time_embed_order={cfg.time_embed_order!r}: expected one of '
+                     f'{ORDERS}')
   dec, head = cfg.decoder, cfg.head
   for name, c in (('decoder', dec), ('head', head)):
     if c.num_heads % c.num_kv_heads:
@@ -72,14 +78,26 @@ class Tuna(nnx.Module):
     width = cfg.decoder.width
     self.decoder = Decoder(cfg.decoder, cfg.vocab_size, impl=cfg.attention, remat=cfg.remat, **kw)
     if cfg.vision == 'patch':
-      self.vision = PatchEmbed(cfg.patch_size, width, cfg.decoder.norm_eps, **kw)
+      self.vision = PatchEmbed(cfg.patch_size, width, cfg.patch_norm_eps, **kw)
     else:
       self.vision = VisionEncoder(cfg.encoder, patch_size=cfg.patch_size, out_width=width,
                                   impl=cfg.attention, remat=cfg.remat, **kw)
-    self.time_token = TimestepEmbedder(width, cfg.time_embed_freqs, **kw)
+    # time_embed_shared: one embedder gives the time tokens and the head's AdaLN conditioning.
+    self.time_token = timestep_embedder(width, cfg, **kw)
     self.head = FlowHead(width, cfg.head, patch_dim=cfg.patch_size ** 2 * 3,
-                         time_embed_freqs=cfg.time_embed_freqs, norm_eps=cfg.decoder.norm_eps,
-                         impl=cfg.attention, remat=cfg.remat, **kw)
+                         time_embed=None if cfg.time_embed_shared else cfg, impl=cfg.attention,
+                         remat=cfg.remat, **kw)
+
+  def head_condition(self, t_BT: jax.Array) -> jax.Array:
+    """The flow head's AdaLN conditioning [B, T, D]: each token's timestep embedding."""
+    embedder = self.time_token if self.head.time_embed is None else self.head.time_embed
+    return embedder(t_BT)
+
+  def run_head(self, hidden_BTD, t_BT, batch: dict, q_info: MaskInfo,
+               kv_info: MaskInfo | None = None, cache: dict | None = None):
+    """The flow head over a batch's slots: (x_hat [B, T, p*p*3], cache)."""
+    return self.head(hidden_BTD, self.head_condition(t_BT), batch['span_ids'] > 0,
+                     head_rope(self.cfg.head, batch), q_info, kv_info, cache)
 
   def embed(self, batch: dict, x_BTP: jax.Array, t_BT: jax.Array,
             drop_BT: jax.Array | None = None) -> jax.Array:
@@ -104,7 +122,7 @@ class Tuna(nnx.Module):
     # tokens, the head's conditioning) are too, not replicated with all-reduces.
     t_BT = sharding.constrain(t_BT, RESIDUAL[:2])
     hidden_BTD, _ = self.decoder(self.embed(batch, x_BTP, t_BT, drop_BT), info)
-    x_hat_BTP, _ = self.head(hidden_BTD, t_BT, batch['span_ids'] > 0, batch['pos3'], info)
+    x_hat_BTP, _ = self.run_head(hidden_BTD, t_BT, batch, info)
     return hidden_BTD, x_hat_BTP
 
   def prefill(self, batch: dict, length: int, slots_total: int) -> dict:
@@ -125,8 +143,7 @@ class Tuna(nnx.Module):
     head_cache = empty_kv_cache(head.cfg.num_layers, b, slots_total, head.cfg.num_kv_heads,
                                 head.cfg.head_dim, head.dtype)
     hidden_BTD, dec_cache = dec(h_BTD, mask_info(pre), kv_info, dec_cache)
-    _, head_cache = head(hidden_BTD, ones_BT, pre['span_ids'] > 0, pre['pos3'], mask_info(pre),
-                         kv_info, head_cache)
+    _, head_cache = self.run_head(hidden_BTD, ones_BT, pre, mask_info(pre), kv_info, head_cache)
     return {'decoder': dec_cache, 'head': head_cache}
 
   def extend(self, batch: dict, x_BSP: jax.Array, t_BS: jax.Array, caches: dict, start: int,
@@ -137,6 +154,5 @@ class Tuna(nnx.Module):
     at = lambda c: dict(c, index=jnp.asarray(start, jnp.int32))
     hidden_BSD, _ = self.decoder(self.embed(suffix, x_BSP, t_BS), q_info, kv_info,
                                  at(caches['decoder']))
-    x_hat_BSP, _ = self.head(hidden_BSD, t_BS, suffix['span_ids'] > 0, suffix['pos3'], q_info,
-                             kv_info, at(caches['head']))
+    x_hat_BSP, _ = self.run_head(hidden_BSD, t_BS, suffix, q_info, kv_info, at(caches['head']))
     return x_hat_BSP
