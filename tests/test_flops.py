@@ -53,9 +53,11 @@ def _xla_flops(fn, *args) -> float:
   return float(cost['flops'])
 
 
-@pytest.mark.parametrize('vision', ['patch', 'encoder'])
-def test_hardware_forward_flops_match_xla_cost_analysis(vision):
+@pytest.mark.parametrize('vision,shared', [('patch', False), ('encoder', False), ('patch', True)])
+def test_hardware_forward_flops_match_xla_cost_analysis(vision, shared):
+  """shared: one time embedder for the time tokens and the head (the official convention)."""
   config = _one_layer_config(vision)
+  config.model.time_embed_shared = shared
   batch = _one_image_row(config, grid=8)
   batch['loss_mask'] = np.ones_like(batch['loss_mask'])  # logits below run at every token
   model = train_state.build_model(config)

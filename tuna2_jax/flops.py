@@ -152,9 +152,11 @@ def _vision_input(model: ml_collections.ConfigDict, n: float) -> float:
 
 
 def _conditioning(model: ml_collections.ConfigDict, n: float) -> float:
-  """The time token's and the head's time embeddings and the final layer's modulation."""
+  """The time embeddings (one embedder when model.time_embed_shared, else the time token's and
+  the head's) and the final layer's modulation."""
   d = model.decoder.width
-  return n * (2 * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
+  embedders = 1 if model.get('time_embed_shared') else 2
+  return n * (embedders * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
 
 
 def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
