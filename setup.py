@@ -34,10 +34,14 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5',
+                 'libtpu==0.0.42.*; sys_platform == "linux" and platform_machine == "x86_64"',
                  'gcsfs', 'gcp-storage-emulator', 'wandb'],
         'tfds': ['tensorflow-datasets'],
         'gpu': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
+        # Compiling for TPU slices from any host (train.py --dry_run_topology): the libtpu that
+        # jax[tpu] pins for jax 0.10.2.
+        'tpu-aot': ['libtpu==0.0.42.*'],
         # gs:// workdirs: etils.epath's GCS file system (google-cloud-storage comes with it);
         # orbax's arrays go through tensorstore, which needs nothing more.
         'gcs': ['gcsfs'],

@@ -1,13 +1,14 @@
 r"""Omni-mask attention against causal flash attention, forward and forward+backward.
 
   python benchmarks/attention.py [--seq_lens 4096,8192,16384] [--heads 12,2] [--head_dim 128]
-      [--kernel auto|omni_flash|splash]
+      [--kernel auto|omni_hopper|omni_flash|splash]
 
-The omni kernel (GPU: kernels/omni_flash.py; TPU: kernels/omni_splash.py; auto picks by
-backend) runs on the layout of a real packed row of the tuna2_1_5b mixture at each length
-(512 px image spans of 1025 tokens among text, several samples per row,
-benchmarks/packed_batch.py); the baseline runs plain causal attention over the same length:
-cuDNN flash attention on GPU, splash attention's causal kernel on TPU.
+The omni kernel (GPU: kernels/omni_hopper.py on Hopper, kernels/omni_flash.py before it; TPU:
+kernels/omni_splash.py; auto picks as models/attention.py does) runs on the layout of a real
+packed row of the tuna2_1_5b mixture at each length (512 px image spans of 1025 tokens among
+text, several samples per row, benchmarks/packed_batch.py); the baseline runs plain causal
+attention over the same length: cuDNN flash attention on GPU, splash attention's causal kernel
+on TPU.
 
 Rows up to --check_max_len are first checked on the same device against dense attention in
 float32 (output, and q/k/v grads for a random cotangent); a mismatch prints MISMATCH and the
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.packed_batch import device_line, packed_batch  # noqa: E402
 from tuna2_jax import config_lib, flops  # noqa: E402
-from tuna2_jax.kernels import omni_flash, omni_splash  # noqa: E402
+from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash  # noqa: E402
 from tuna2_jax.models import attention as attn_lib  # noqa: E402
 from tuna2_jax.models.attention import MaskInfo  # noqa: E402
 
@@ -89,8 +90,10 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--seq_lens', default='4096,8192,16384')
   parser.add_argument('--heads', default='12,2', help='query heads,key-value heads')
   parser.add_argument('--head_dim', type=int, default=128)
-  parser.add_argument('--kernel', default='auto', choices=('auto', 'omni_flash', 'splash'),
-                      help='the omni kernel; auto: splash on TPU, omni_flash elsewhere')
+  parser.add_argument('--kernel', default='auto',
+                      choices=('auto', 'omni_hopper', 'omni_flash', 'splash'),
+                      help='the omni kernel; auto: as model.attention=auto picks it (CPU: '
+                      'omni_flash, in interpret mode)')
   parser.add_argument('--block', default=None,
                       help='omni_flash block_q,block_k (default 64,64); splash: one block '
                       '(default 512)')
@@ -102,15 +105,19 @@ def main(argv=None) -> list[dict]:
   h, g = map(int, args.heads.split(','))
   d = args.head_dim
   backend = jax.default_backend()
-  kernel = args.kernel if args.kernel != 'auto' else (
-      'splash' if backend == 'tpu' else 'omni_flash')
+  kernel = args.kernel
+  if kernel == 'auto':
+    kernel = attn_lib.resolve_impl('auto', dtype=jnp.bfloat16, head_dim=d, self_attention=True,
+                                   backend=backend)
+    kernel = 'omni_flash' if kernel == 'dense' else kernel
   baseline = {'gpu': 'cuDNN', 'tpu': 'splash causal'}.get(backend)
   block = args.block or ('512' if kernel == 'splash' else '64,64')
   block_q, block_k = (list(map(int, block.split(','))) * 2)[:2]
   config = config_lib.load(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), 'experiments', 'tuna2_1_5b.py'))
   print(device_line())
-  blocks = f'{block_q} x {block_k}' if kernel == 'omni_flash' else f'{block_q}'
+  blocks = {'omni_flash': f'{block_q} x {block_k}', 'splash': f'{block_q}'}.get(
+      kernel, f'{omni_hopper.BLOCK} x {omni_hopper.BLOCK}')
   print(f'omni kernel {kernel} (blocks {blocks}), baseline {baseline or "none"}; heads {h} / '
         f'{g} kv, head_dim {d}, bf16; TFLOP/s of visible (query, key) pairs, backward = '
         f'{BACKWARD_FACTOR} x forward')
@@ -131,6 +138,8 @@ def main(argv=None) -> list[dict]:
     if kernel == 'splash':
       omni = fwd_and_grad(lambda q, k, v: omni_splash.omni_splash_attention(
           q, k, v, info, block=block_q))
+    elif kernel == 'omni_hopper':
+      omni = fwd_and_grad(lambda q, k, v: omni_hopper.omni_hopper_attention(q, k, v, info))
     else:
       omni = fwd_and_grad(lambda q, k, v: omni_flash.omni_flash_attention(
           q, k, v, info, block_q=block_q, block_k=block_k))

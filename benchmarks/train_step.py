@@ -1,4 +1,4 @@
-r"""Train-step speed: step time, tokens/s, TFLOP/s per device, MFU and peak memory.
+r"""Train-step speed: step time, tokens/s, model and hardware TFLOP/s per device, MFU, memory.
 
   python benchmarks/train_step.py --config=experiments/tuna2_1_5b.py [--attention=auto]
   python benchmarks/train_step.py --config=experiments/tuna2_1_5b.py:vision=encoder
@@ -6,8 +6,10 @@ r"""Train-step speed: step time, tokens/s, TFLOP/s per device, MFU and peak memo
 Runs the real jitted train step of tuna2_jax/train.py (AdamW, EMA, both losses, the config's
 remat and dtypes) on synthetic packed batches of the config's layout (benchmarks/packed_batch.py)
 over every local device (batch split over the mesh). Tokens/s counts non-padding tokens; model
-FLOPs are tuna2_jax/flops.py's analytic count (image spans bidirectional, text causal, no
-recomputation), so MFU = model FLOP/s / (devices x peak bf16). The last line compares tokens/s
+FLOPs are tuna2_jax/flops.py's analytic count of useful work (image spans bidirectional, text
+causal, LM head at text targets, modulation per image, no padding, no recomputation), so MFU =
+model FLOP/s / (devices x peak bf16); hardware FLOPs add padding, whole LM-head chunks,
+per-token modulation and remat's recompute. The last line compares tokens/s
 with the reference PyTorch implementation's best figure at the same size on one H100 (5.6k
 non-padding tokens/s on 8k packed tokens).
 """
@@ -67,6 +69,7 @@ def main(argv=None) -> dict:
   batch = sharding.global_batch(host, mesh, config.sharding_rules)
   tokens = int((host['segment_ids'] > 0).sum())
   step_flops = flops.train_step_flops(config.model, host)
+  hw_flops = flops.hardware_step_flops(config.model, host)
 
   key = jax.random.key(0)
   t0 = time.perf_counter()
@@ -89,13 +92,15 @@ def main(argv=None) -> dict:
   tflops = step_flops / step_s / n / 1e12
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   out = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'tflops_per_device': tflops,
+         'hw_tflops_per_device': hw_flops / step_s / n / 1e12,
          'mfu': None if peak is None else tflops * 1e12 / peak, 'peak_memory_gib':
          peak_memory_gib(), 'loss': loss, 'warmup_s': compile_s}
   print(f'non-padding tokens/step: {tokens} of {config.batch_size * config.seq_len}; '
-        f'model TFLOP/step: {step_flops / 1e12:.2f}')
+        f'model TFLOP/step: {step_flops / 1e12:.2f}, hardware {hw_flops / 1e12:.2f}')
   print(f'step: {step_s * 1e3:.1f} ms (median of {args.steps}; first {args.warmup} with compile '
         f'{compile_s:.1f} s)  loss {loss:.3f}')
-  print(f'tokens/s: {out["tokens_per_s"]:,.0f}  TFLOP/s/device: {tflops:.1f}  MFU: ' +
+  print(f'tokens/s: {out["tokens_per_s"]:,.0f}  TFLOP/s/device: model {tflops:.1f}, hardware '
+        f'{out["hw_tflops_per_device"]:.1f}  MFU (model FLOPs): ' +
         ('n/a (no bf16 peak for this device)' if peak is None else f'{out["mfu"]:.1%}'))
   mem = out['peak_memory_gib']
   print('peak memory: ' + ('n/a on this backend' if mem is None else f'{mem:.1f} GiB/device'))

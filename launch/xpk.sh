@@ -26,6 +26,7 @@ IMAGE_FLAG=${IMAGE_FLAG:---base-docker-image=python:3.11}
 ARGS=$(printf '%q ' "$@")
 
 if [[ "$DEVICE" == h100* || "$DEVICE" == h200* ]]; then
+  # Command buffers off as in slurm_gpu.sbatch: to be decided by benchmarks/gpu_suite.sh.
   ENV="XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_enable_highest_priority_async_stream=true \
 --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true \

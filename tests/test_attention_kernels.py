@@ -9,7 +9,7 @@ import pytest
 
 from test_attention import PAD_ID, _brute_force_mask, _random_rows, packed_pair
 from tuna2_jax.data import sequence as seq
-from tuna2_jax.kernels import omni_flash, omni_splash
+from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash
 from tuna2_jax.models import attention as attn_lib
 
 
@@ -94,6 +94,7 @@ def test_entry_point_runs_the_named_kernel_through_the_model_layer():
     ('cudnn', 'gpu', jnp.float32, 'bfloat16 or float16'),
     ('splash', 'gpu', jnp.bfloat16, 'Mosaic'),
     ('omni_flash', 'tpu', jnp.bfloat16, 'Triton'),
+    ('omni_hopper', 'cpu', jnp.float32, 'bfloat16 or float16'),
 ])
 def test_named_kernel_the_backend_lacks_is_a_clear_error(impl, backend, dtype, match):
   with pytest.raises(ValueError, match=f"impl '{impl}' cannot run here: .*{match}"):
@@ -103,19 +104,122 @@ def test_named_kernel_the_backend_lacks_is_a_clear_error(impl, backend, dtype, m
 def test_auto_picks_per_backend_and_falls_back_with_a_warning(caplog):
   kw = dict(dtype=jnp.bfloat16, head_dim=64)
   assert attn_lib.resolve_impl('auto', backend='cpu', self_attention=True, **kw) == 'dense'
-  assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True, **kw) == 'omni_flash'
+  # No GPU on this host: a GPU step targets sm90, where omni_hopper runs.
+  assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True, **kw) == 'omni_hopper'
   assert attn_lib.resolve_impl('auto', backend='tpu', self_attention=True, **kw) == 'splash'
   # KV-cache calls run dense under the kernel, named or picked.
-  for impl, backend in (('auto', 'gpu'), ('omni_flash', 'gpu'), ('auto', 'tpu'),
-                        ('splash', 'tpu')):
+  for impl, backend in (('auto', 'gpu'), ('omni_hopper', 'gpu'), ('omni_flash', 'gpu'),
+                        ('auto', 'tpu'), ('splash', 'tpu')):
     assert attn_lib.resolve_impl(impl, backend=backend, self_attention=False, **kw) == 'dense'
   with caplog.at_level(logging.WARNING):
-    # A head_dim Triton blocks cannot tile.
+    # float32: omni_hopper cannot, the Triton kernel can.
+    assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
+                                 dtype=jnp.float32, head_dim=64) == 'omni_flash'
+  assert 'omni_hopper unavailable' in caplog.text and 'trying omni_flash' in caplog.text
+  with caplog.at_level(logging.WARNING):
+    # A head_dim neither GPU kernel tiles.
     assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
                                  dtype=jnp.bfloat16, head_dim=72) == 'dense'
   assert 'omni_flash unavailable' in caplog.text
   with pytest.raises(ValueError, match="impl 'flash3'"):
     attn_lib.resolve_impl('flash3', backend='gpu', self_attention=True, **kw)
+
+
+def test_pre_hopper_gpus_get_the_triton_kernel(monkeypatch, caplog):
+  """An A100 (sm80): auto falls back to omni_flash with one warning; naming omni_hopper fails."""
+  monkeypatch.setattr(attn_lib, 'gpu_compute_capability', lambda backend: '8.0')
+  kw = dict(backend='gpu', self_attention=True, dtype=jnp.bfloat16, head_dim=128)
+  with caplog.at_level(logging.WARNING):
+    assert attn_lib.resolve_impl('auto', **kw) == 'omni_flash'
+    assert attn_lib.resolve_impl('auto', **kw) == 'omni_flash'
+  assert caplog.text.count('compute capability 8.0') == 1
+  with pytest.raises(ValueError, match="impl 'omni_hopper' cannot run here: .*sm90.*8.0"):
+    attn_lib.resolve_impl('omni_hopper', **kw)
+
+
+@pytest.mark.parametrize('dtype,head_dim,match', [
+    (jnp.float32, 128, 'bfloat16 or float16 inputs, got float32'),
+    (jnp.bfloat16, 96, 'head_dim a multiple of 64 up to 128, got 96'),
+    (jnp.bfloat16, 256, 'got 256'),
+])
+def test_omni_hopper_refuses_what_it_cannot_run(dtype, head_dim, match):
+  with pytest.raises(ValueError, match=f"impl 'omni_hopper' cannot run here: .*{match}"):
+    attn_lib.resolve_impl('omni_hopper', backend='gpu', self_attention=True, dtype=dtype,
+                          head_dim=head_dim)
+  with pytest.raises(ValueError, match='Mosaic GPU only'):
+    attn_lib.resolve_impl('omni_hopper', backend='tpu', self_attention=True,
+                          dtype=jnp.bfloat16, head_dim=128)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_tile_ranges_split_reached_tiles_into_edges_and_interior(seed):
+  """Against the brute-force mask, 16-slot blocks: every reached tile is in its range, the
+  unreached are not, and tiles in the interior range are visible in full (no mask needed)."""
+  rows = _random_rows(seed, rows=4) if seed else _long_rows(0)
+  block = 16
+  b, t = rows['segment_ids'].shape
+  pad = (-t) % block
+  rows = {k: np.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for k, v in rows.items()}
+  lo, hi = omni_flash.key_bounds(_info(rows))
+  q_ranges, k_ranges = map(np.asarray, omni_hopper.tile_ranges(lo, hi, block))
+  mask = _brute_force_mask(rows['segment_ids'], rows['span_ids'], 'omni')
+  n = (t + pad) // block
+  tiles = mask.reshape(b, n, block, n, block)
+  reached, full = tiles.any((2, 4)), tiles.all((2, 4))
+  for ranges, reach, whole in ((q_ranges, reached, full),
+                               (k_ranges, reached.swapaxes(1, 2), full.swapaxes(1, 2))):
+    j = np.arange(n)
+    first, a, c, stop = (ranges[..., i, None] for i in range(4))
+    np.testing.assert_array_equal((j >= first) & (j < stop), reach)
+    assert np.all(whole[(j >= a) & (j < c)])
+    assert np.all(~whole[reach & ~((j >= a) & (j < c))])  # edges: a mask is needed
+  if not seed:  # the long rows hold both kinds
+    assert full.any() and (reached & ~full).any()
+
+
+def _hopper_row() -> dict:
+  """One 180-slot row padded to three 64-blocks: a 140-token sample (text, a 9 x 10 image span
+  crossing two blocks) so that some tiles are interior, a short second sample, padding."""
+  rng = np.random.default_rng(0)
+
+  def sample(grid, prefix):
+    gh, gw = grid
+    return seq.assemble([seq.Text(rng.integers(8, 100, prefix).tolist()),
+                         seq.Image(rng.integers(0, 256, (gh * 2, gw * 2, 3), dtype=np.uint8),
+                                   generate=True),
+                         seq.Text(rng.integers(8, 100, 5).tolist())], 't2i', img_id=7,
+                        patch_size=2)
+
+  row = seq.pack([sample((9, 10), 40), sample((3, 3), 7)], 180, patch_size=2, pad_id=PAD_ID)
+  return {k: row[k][None] for k in seq.FIELDS}
+
+
+def test_omni_hopper_matches_dense_values_and_grads():
+  """Mosaic GPU interpret mode: bf16 output and q/k/v grads against float32 dense attention."""
+  from benchmarks.attention import check_against_dense
+  rows = _hopper_row()
+  info = _info(rows)
+  lo, hi = omni_flash.key_bounds(info)
+  t = rows['segment_ids'].shape[1]
+  lo = jnp.pad(lo, ((0, 0), (0, 192 - t)), constant_values=192)
+  hi = jnp.pad(hi, ((0, 0), (0, 192 - t)), constant_values=-1)
+  q_ranges = np.asarray(omni_hopper.tile_ranges(lo, hi)[0])
+  assert (q_ranges[..., 2] > q_ranges[..., 1]).any()  # interior tiles run unmasked
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(5, 1, t, 2, 1, 64))
+  check = check_against_dense(
+      lambda q, k, v: omni_hopper.omni_hopper_attention(q, k, v, info), q, k, v, info)
+  assert check['ok'], check
+  out = jax.eval_shape(lambda *a: omni_hopper.omni_hopper_attention(*a, info), q, k, v)
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+
+
+def test_omni_hopper_lowers_through_mosaic_gpu_for_sm90():
+  """From this CPU host: the production call (bf16, head_dim 128, GQA 12 / 2) lowers forward,
+  dq and dk/dv to Mosaic GPU kernels (compiled for sm90 on the device)."""
+  info, q, kv = _production_call()
+  text = _lower_for('cuda', lambda q, k, v: omni_hopper.omni_hopper_attention(
+      q, k, v, info, interpret=False), q, kv, kv)
+  assert text.count('stablehlo.custom_call @mosaic_gpu') == 3
 
 
 def _long_rows(seed: int) -> dict:
@@ -205,9 +309,10 @@ def test_omni_flash_lowers_through_triton_for_gpus():
         q, k, v, info, block_q=48, block_k=48, interpret=False), q, kv, kv)
 
 
-@pytest.mark.parametrize('kind,calls', [('omni', 2 * (1 + 3)), ('span', 2 * 3)])
+@pytest.mark.parametrize('kind,calls', [('omni', 3 * (1 + 3)), ('span', 3 * 3)])
 def test_omni_splash_lowers_through_mosaic_for_tpus(kind, calls):
-  """Every compiled band (512, 1024, 2048 at 2048 slots) lowers forward and backward."""
+  """Every compiled band (512, 1024, 2048 at 2048 slots) lowers forward and backward (the
+  unfused backward: a dq and a dkv kernel per forward call)."""
   info, q, kv = _production_call()
   text = _lower_for('tpu', lambda q, k, v: omni_splash.omni_splash_attention(
       q, k, v, info, kind=kind, interpret=False), q, kv, kv)

@@ -1,4 +1,5 @@
-"""Analytic model FLOPs: the attended-key count matches the mask, the total matches XLA's count."""
+"""Analytic FLOPs: the attended-key count matches the mask; the executed (hardware) count and
+remat's recompute match XLA's count; model FLOPs leave out padding and unneeded work."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from conftest import load_experiment
 from test_attention import _brute_force_mask, _random_rows
 from tuna2_jax import flops, objectives, train_state
 from tuna2_jax.data import sequence as seq
+from tuna2_jax.models.transformer import REMAT_POLICIES
 
 
 @pytest.mark.parametrize('seed', range(4))
@@ -35,15 +37,29 @@ def _one_image_row(config, grid: int) -> dict:
   return {k: v[None] for k, v in row.items()}
 
 
-@pytest.mark.parametrize('vision', ['patch', 'encoder'])
-def test_forward_flops_match_xla_cost_analysis(vision):
+def _one_layer_config(vision: str):
   config = load_experiment('shapes', f'vision={vision}')
   config.model.vocab_size = 512
   # XLA's cost analysis counts a scanned (while-loop) body once, whatever its trip count, so the
   # layer stacks are one layer deep here.
   for part in ('decoder', 'head', 'encoder'):
     config.model[part].num_layers = 1
+  return config
+
+
+def _xla_flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
+
+
+@pytest.mark.parametrize('vision,shared', [('patch', False), ('encoder', False), ('patch', True)])
+def test_hardware_forward_flops_match_xla_cost_analysis(vision, shared):
+  """shared: one time embedder for the time tokens and the head (the official convention)."""
+  config = _one_layer_config(vision)
+  config.model.time_embed_shared = shared
   batch = _one_image_row(config, grid=8)
+  batch['loss_mask'] = np.ones_like(batch['loss_mask'])  # logits below run at every token
   model = train_state.build_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   t = jnp.full(batch['segment_ids'].shape, 0.5)
@@ -53,15 +69,51 @@ def test_forward_flops_match_xla_cost_analysis(vision):
     hidden, x_hat = m(batch, objectives.to_unit_range(batch['patches']), t)
     return m.decoder.logits(hidden), x_hat
 
-  compiled = jax.jit(forward).lower(params, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla = float(cost['flops'])
-  ours = flops.forward_flops(config.model, batch)
+  xla = _xla_flops(forward, params, batch)
+  ours = flops.hardware_forward_flops(config.model, batch)
   print(f'\n  {vision}: analytic {ours:.4g} FLOPs, XLA {xla:.4g} ({ours / xla:.3f})')
-  # XLA also counts elementwise work (norms, softmax, activations) and, for the encoder, runs
-  # the ViT at the time token too; matmuls dominate at these widths.
+  # XLA also counts elementwise work (norms, softmax, activations); matmuls dominate here.
   assert 0.88 < ours / xla <= 1.0
+
+
+def test_remat_recompute_matches_xla_cost_analysis():
+  """The backward pass under remat='full' runs the layer stacks' forward once more."""
+  config = _one_layer_config('patch')
+  batch = _one_image_row(config, grid=4)
+  t = jnp.full(batch['segment_ids'].shape, 0.5)
+
+  def step_flops(remat):
+    config.model.remat = remat
+    graphdef, params = nnx.split(train_state.build_model(config), nnx.Param)
+
+    def loss(params):
+      m = nnx.merge(graphdef, params)
+      hidden, x_hat = m(batch, objectives.to_unit_range(batch['patches']), t)
+      return jnp.sum(hidden.astype(jnp.float32) ** 2) + jnp.sum(x_hat ** 2)
+    return _xla_flops(jax.grad(loss), params)
+
+  xla_extra = step_flops('full') - step_flops('none')
+  ours = flops.remat_recompute_flops(config.model, batch, 'full')
+  print(f'\n  remat full: analytic recompute {ours:.4g} FLOPs, XLA {xla_extra:.4g}')
+  assert 0.85 < ours / xla_extra < 1.15
+
+
+def test_model_flops_count_only_useful_work():
+  config = load_experiment('shapes', 'runlocal=True')
+  m, d = config.model, config.model.decoder.width
+  batch = _random_rows(0, patch_size=m.patch_size)
+  base = flops.forward_flops(m, batch)
+  # The LM head counts at text targets only: one more target adds exactly one token's head.
+  r, i = np.argwhere((batch['segment_ids'] > 0) & (batch['loss_mask'] == 0))[0]
+  more = {k: v.copy() for k, v in batch.items()}
+  more['loss_mask'][r, i] = 1.0
+  assert flops.forward_flops(m, more) - base == pytest.approx(2 * d * m.vocab_size)
+  # Padding slots: hardware work, no model work.
+  padded = {k: np.concatenate([v, np.zeros_like(v[:, :7])], axis=1) for k, v in batch.items()}
+  assert flops.forward_flops(m, padded) == pytest.approx(base)
+  assert flops.hardware_forward_flops(m, padded) > flops.hardware_forward_flops(m, batch)
+  # Modulation per span (model) vs per token (hardware).
+  assert base < flops.hardware_forward_flops(m, batch)
 
 
 def test_train_step_is_three_forward_passes():
@@ -69,11 +121,26 @@ def test_train_step_is_three_forward_passes():
   batch = _random_rows(0, patch_size=config.model.patch_size)
   assert flops.train_step_flops(config.model, batch) == pytest.approx(
       3 * flops.forward_flops(config.model, batch))
+  assert flops.hardware_step_flops(config.model, batch) == pytest.approx(
+      3 * flops.hardware_forward_flops(config.model, batch)
+      + flops.remat_recompute_flops(config.model, batch))
   padded = dict(batch, segment_ids=np.zeros_like(batch['segment_ids']))
   assert flops.forward_flops(config.model, padded) == 0.0
 
 
+def test_every_remat_policy_has_a_recompute_count():
+  config = load_experiment('shapes', 'runlocal=True')
+  batch = _random_rows(0, patch_size=config.model.patch_size)
+  assert set(flops.REMAT_RECOMPUTE) == set(REMAT_POLICIES)
+  for remat in REMAT_POLICIES:
+    extra = flops.remat_recompute_flops(config.model, batch, remat)
+    assert (extra == 0) == (remat == 'none'), remat
+  with pytest.raises(ValueError, match="remat 'everything'"):
+    flops.remat_recompute_flops(config.model, batch, 'everything')
+
+
 @pytest.mark.parametrize('kind, peak', [('NVIDIA H100 80GB HBM3', 989e12), ('TPU v5p', 459e12),
+                                        ('TPU v5', 459e12), ('TPU v5 lite', 197e12),
                                         ('TPU v6 lite', 918e12), ('cpu', None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert flops.peak_flops(kind) == peak

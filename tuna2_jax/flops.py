@@ -1,11 +1,20 @@
-"""Analytic model FLOPs of a packed batch: what the training log, MFU and eval history count.
+"""Analytic FLOPs of a packed batch: model FLOPs (what MFU, the training log and eval history
+count) and hardware FLOPs (what the step executes).
 
 Model FLOPs count the multiply-adds the model needs (2 per multiply-add), not what a particular
 implementation executes: attention counts, for every query, only the keys its mask lets it see
 (causal for text, all of its image span for image tokens, nothing across packed segments), so
-an image span counts as bidirectional attention and text as causal. Padding counts nothing;
-recomputation under remat counts nothing. A training step is 3 forward passes (the backward
-pass costs twice the forward).
+an image span counts as bidirectional attention and text as causal; the LM head counts only at
+text-target tokens; the AdaLN modulations and time embeddings, which depend only on each image's
+t, count once per image span; the output layer counts at generation-target patches. Padding
+counts nothing; recomputation under remat counts nothing. A training step is 3 forward passes
+(the backward pass costs twice the forward).
+
+Hardware FLOPs add what the implementation runs beyond that, as MaxText reports both: every
+layer at every slot of the row (padding included), the LM head at whole chunks of gathered
+targets (objectives.TEXT_CHUNK), the modulations, time embeddings and output layer at every
+token (models/flow_head.py computes them per token), and the forward work remat recomputes in
+the backward pass (REMAT_RECOMPUTE).
 
 Everything is computed on the host from the batch's layout arrays (numpy), so the count of a
 step is exact for that step's packing.
@@ -13,8 +22,12 @@ step is exact for that step's packing.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 import numpy as np
+
+from tuna2_jax.objectives import TEXT_CHUNK
 
 TRAIN_PASSES = 3  # forward + backward (2 x forward)
 
@@ -55,65 +68,149 @@ def attended_keys(segment_ids_BT: np.ndarray, span_ids_BT: np.ndarray,
   return np.where(seg > 0, causal + np.where(in_span, span_last - idx, 0), 0)
 
 
-def _attention_layer(width: int, heads: int, kv_heads: int, head_dim: int) -> int:
-  """FLOPs per token of the q, k, v and output projections."""
-  return 2 * width * (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim * width
+# Forward work each remat policy (models/transformer.py) runs again in the backward pass. Only
+# what the backward pass reads is rerun: never a block's two output projections (attention out,
+# MLP down), whose results nothing reads backwards. 'full' saves nothing else; the dots
+# policies keep every matmul but rerun the attention kernel (a Pallas call or a batched einsum
+# is not a saveable dot); save_qkv_attn keeps attention's inputs and output.
+REMAT_RECOMPUTE = {
+    'none': (),
+    'full': ('qkv', 'attention', 'mlp_in', 'modulation'),
+    'dots': ('attention',),
+    'dots_no_batch': ('attention',),
+    'save_qkv_attn': ('mlp_in', 'modulation'),
+}
+
+
+def _attention_projections(width: int, heads: int, kv_heads: int,
+                           head_dim: int) -> tuple[int, int]:
+  """FLOPs per token of (the q, k, v projections, the output projection)."""
+  return 2 * width * (heads + 2 * kv_heads) * head_dim, 2 * heads * head_dim * width
 
 
 def _timestep_embedder(width: int, freqs: int) -> int:
   return 2 * (freqs * width + width * width)
 
 
-def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
-  """Model FLOPs of one forward pass over `batch` (host arrays of data/sequence.py's layout)."""
-  seg = np.asarray(batch['segment_ids'])
-  valid = seg > 0
-  n_tok = float(valid.sum())
-  n_patch = float((np.asarray(batch['is_patch']) & valid).sum())
-  n_time = float((np.asarray(batch['is_time']) & valid).sum())
-  keys = float(attended_keys(seg, batch['span_ids']).sum())
-  dec, head = model.decoder, model.head
-  d, pdim = dec.width, model.patch_size ** 2 * 3
-
-  per_token = dec.num_layers * (_attention_layer(d, dec.num_heads, dec.num_kv_heads,
-                                                 dec.head_dim) + 6 * d * dec.mlp_dim)
-  per_token += 2 * d * model.vocab_size  # LM head (logits are computed at every token)
-  per_token += _timestep_embedder(d, model.time_embed_freqs)  # the head's per-token t embedding
-  per_token += head.num_layers * (
-      _attention_layer(d, head.num_heads, head.num_kv_heads, head.head_dim)
-      + 6 * d * head.mlp_dim + 2 * d * 6 * d)  # SwiGLU + AdaLN modulation
-  per_token += 2 * d * 2 * d + 2 * d * pdim  # final modulation + output layer
-  flops = n_tok * per_token
-  flops += 4 * keys * (dec.num_layers * dec.num_heads * dec.head_dim
-                       + head.num_layers * head.num_heads * head.head_dim)
-  flops += n_time * _timestep_embedder(d, model.time_embed_freqs)
-
-  if model.vision == 'patch':
-    flops += n_patch * 2 * pdim * d
-  else:
+def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
+                 n_mod: float, n_patch: float, span_keys: float) -> dict[str, float]:
+  """FLOPs of the layer stacks (decoder, flow head, vision encoder) by part, for n_tok tokens,
+  `keys` attended (query, key) pairs, n_mod modulated positions (AdaLN inputs), and for the
+  vision encoder n_patch patches with span_keys attended pairs."""
+  dec, head, d = model.decoder, model.head, model.decoder.width
+  dec_qkv, dec_out = _attention_projections(d, dec.num_heads, dec.num_kv_heads, dec.head_dim)
+  head_qkv, head_out = _attention_projections(d, head.num_heads, head.num_kv_heads,
+                                              head.head_dim)
+  parts = {
+      'qkv': n_tok * (dec.num_layers * dec_qkv + head.num_layers * head_qkv),
+      'out_proj': n_tok * (dec.num_layers * dec_out + head.num_layers * head_out),
+      'mlp_in': n_tok * 4 * d * (dec.num_layers * dec.mlp_dim + head.num_layers * head.mlp_dim),
+      'mlp_out': n_tok * 2 * d * (dec.num_layers * dec.mlp_dim + head.num_layers * head.mlp_dim),
+      'attention': 4 * keys * (dec.num_layers * dec.num_heads * dec.head_dim
+                               + head.num_layers * head.num_heads * head.head_dim),
+      'modulation': n_mod * head.num_layers * 2 * d * 6 * d,  # AdaLN: 6 vectors per block
+  }
+  if model.vision == 'encoder':
     enc = model.encoder
     we = enc.width
-    span_keys = float(attended_keys(
-        seg, np.where(np.asarray(batch['is_patch']), batch['span_ids'], 0), 'span').sum())
-    flops += n_patch * (2 * pdim * we
-                        + enc.num_layers * (_attention_layer(we, enc.num_heads, enc.num_heads,
-                                                             we // enc.num_heads)
-                                            + 4 * we * enc.mlp_dim)
-                        + 2 * we * d + 2 * d * d)  # connector
-    flops += 4 * span_keys * enc.num_layers * we
-  return flops
+    enc_qkv, enc_out = _attention_projections(we, enc.num_heads, enc.num_heads,
+                                              we // enc.num_heads)
+    parts['qkv'] += n_patch * enc.num_layers * enc_qkv
+    parts['out_proj'] += n_patch * enc.num_layers * enc_out
+    parts['mlp_in'] += n_patch * enc.num_layers * 2 * we * enc.mlp_dim
+    parts['mlp_out'] += n_patch * enc.num_layers * 2 * we * enc.mlp_dim
+    parts['attention'] += 4 * span_keys * enc.num_layers * we
+  return parts
+
+
+def _layout(batch: dict) -> dict[str, float]:
+  """The token, target and attended-pair counts the FLOP formulas use."""
+  seg = np.asarray(batch['segment_ids'])
+  valid = seg > 0
+  span = np.asarray(batch['span_ids'])
+  is_patch = np.asarray(batch['is_patch']) & valid
+  starts = (span > 0) & valid
+  starts[:, 1:] &= (span[:, 1:] != span[:, :-1]) | (seg[:, 1:] != seg[:, :-1])
+  patch_spans = np.where(np.asarray(batch['is_patch']), span, 0)
+  return {
+      'slots': float(seg.size), 'tokens': float(valid.sum()), 'patches': float(is_patch.sum()),
+      'spans': float(starts.sum()),
+      'text_targets': float(((np.asarray(batch['loss_mask']) > 0) & valid).sum()),
+      'gen_patches': float((np.asarray(batch['gen_mask']) & is_patch).sum()),
+      'keys': float(attended_keys(seg, span).sum()),
+      'span_keys': float(attended_keys(seg, patch_spans, 'span').sum()),
+  }
+
+
+def _vision_input(model: ml_collections.ConfigDict, n: float) -> float:
+  """The patch embedding (Tuna-2) or the encoder's embedding and connector (Tuna-R) at n tokens."""
+  d, pdim = model.decoder.width, model.patch_size ** 2 * 3
+  if model.vision == 'patch':
+    return n * 2 * pdim * d
+  we = model.encoder.width
+  return n * (2 * pdim * we + 2 * we * d + 2 * d * d)
+
+
+def _conditioning(model: ml_collections.ConfigDict, n: float) -> float:
+  """The time embeddings (one embedder when model.time_embed_shared, else the time token's and
+  the head's) and the final layer's modulation."""
+  d = model.decoder.width
+  embedders = 1 if model.get('time_embed_shared') else 2
+  return n * (embedders * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
+
+
+def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
+  """Model FLOPs of one forward pass over `batch` (host arrays of data/sequence.py's layout)."""
+  n = _layout(batch)
+  d, pdim = model.decoder.width, model.patch_size ** 2 * 3
+  parts = _stack_parts(model, n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
+  return (sum(parts.values()) + n['text_targets'] * 2 * d * model.vocab_size
+          + _conditioning(model, n['spans']) + n['gen_patches'] * 2 * d * pdim
+          + _vision_input(model, n['patches']))
+
+
+def hardware_forward_flops(model: ml_collections.ConfigDict, batch: dict,
+                           text_chunk: int = TEXT_CHUNK) -> float:
+  """FLOPs one forward pass executes: every slot, the LM head at whole chunks of targets."""
+  n = _layout(batch)
+  d, pdim = model.decoder.width, model.patch_size ** 2 * 3
+  parts = _stack_parts(model, n['slots'], n['keys'], n['slots'], n['slots'], n['span_keys'])
+  chunk = min(text_chunk, n['slots'])
+  lm_rows = math.ceil(n['text_targets'] / chunk) * chunk
+  return (sum(parts.values()) + lm_rows * 2 * d * model.vocab_size
+          + _conditioning(model, n['slots']) + n['slots'] * 2 * d * pdim
+          + _vision_input(model, n['slots']))
+
+
+def remat_recompute_flops(model: ml_collections.ConfigDict, batch: dict,
+                          remat: str | None = None) -> float:
+  """Forward FLOPs the backward pass reruns under `remat` (default: model.remat)."""
+  remat = model.remat if remat is None else remat
+  if remat not in REMAT_RECOMPUTE:
+    raise ValueError(f'remat {remat!r}: expected one of {sorted(REMAT_RECOMPUTE)}')
+  n = _layout(batch)
+  parts = _stack_parts(model, n['slots'], n['keys'], n['slots'], n['slots'], n['span_keys'])
+  return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
 
 
 def train_step_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
+  """Model FLOPs of a training step: what MFU divides by the peak."""
   return TRAIN_PASSES * forward_flops(model, batch)
 
 
+def hardware_step_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
+  """FLOPs a training step executes: 3 executed forwards plus remat's recompute."""
+  return (TRAIN_PASSES * hardware_forward_flops(model, batch)
+          + remat_recompute_flops(model, batch))
+
+
 # Dense bf16 peak FLOP/s per device, by jax device_kind (vendor data sheets); MFU is reported
-# only for these.
+# only for these. The first name contained in the device kind wins: v5p's devices report
+# 'TPU v5', a prefix of v5e's 'TPU v5 lite', so the lite entries come first.
 PEAK_BF16_FLOPS = (
     ('H100', 989e12), ('H200', 989e12), ('A100', 312e12),
-    ('TPU v5p', 459e12), ('TPU v6', 918e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
-    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
+    ('TPU v6', 918e12), ('TPU v4', 275e12),
 )
 
 

@@ -1,9 +1,10 @@
 """Training objectives, kept apart from the networks.
 
-Text: cross-entropy on target tokens only, chunked over tokens so [tokens x vocab] logits are
-never held at once. Flow (JiT-style): t = sigmoid(n), n ~ N(p_mean, p_std); x_t = t x + (1-t) e
-with e ~ N(0, I) * noise_scale; the head predicts x_hat; v_hat = (x_hat - x_t) / max(1 - t,
-t_eps); loss = mean |v_hat - (x - e)|^2 over target patches. Masking: per-sample replacement of
+Text: cross-entropy on target tokens only: each device gathers its target tokens and runs the LM
+head on them chunk by chunk, so [tokens x vocab] logits are never held at once. Flow
+(JiT-style): t = sigmoid(n), n ~ N(p_mean, p_std); x_t = t x + (1-t) e with e ~ N(0, I) *
+noise_scale; the head predicts x_hat; v_hat = (x_hat - x_t) / max(1 - t, t_eps); loss =
+mean |v_hat - (x - e)|^2 over target patches. Masking: per-sample replacement of
 patch tokens by the mask token.
 """
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tuna2_jax import sharding
 from tuna2_jax.data.sequence import TASK_IDS
 
 
@@ -122,32 +124,64 @@ def flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, t_eps: float) -> tuple[jax.Arra
   return jnp.sum(sq_BT * weight_BT * mask) / jnp.maximum(count, 1.0), count
 
 
+# Target tokens per LM-head chunk. Only chunks holding a target run, so a larger chunk wastes
+# more rows in the last one; a smaller one runs more loop steps of a smaller matmul.
+TEXT_CHUNK = 1024
+
+
 def text_loss(hidden_BTD, head_DV, targets_BT, loss_mask_BT,
-              chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over target tokens, #targets), logits computed chunk by chunk."""
+              chunk_size: int = TEXT_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over target tokens, #targets); the LM head runs at targets only.
+
+  Under a mesh (sharding.activation_sharding) every device gathers its own rows' target tokens
+  (the batch is split over the mesh) and runs the LM head on them chunk by chunk: no collective
+  runs per chunk, only one sum of the per-shard totals.
+  """
+  row_axes = ('batch', 'activation_length')
+  per_shard_nll = sharding.per_shard(
+      lambda h, w, y, m: _target_nll(h, w, y, m, chunk_size)[None, None],
+      (row_axes + ('activation_embed',), (None, None), row_axes, row_axes), row_axes)
+  total = jnp.sum(per_shard_nll(hidden_BTD, head_DV.astype(hidden_BTD.dtype), targets_BT,
+                                loss_mask_BT.astype(jnp.float32)))
+  count = loss_mask_BT.astype(jnp.float32).sum()
+  return total / jnp.maximum(count, 1.0), count
+
+
+def _target_nll(hidden_BTD, head_DV, targets_BT, mask_BT, chunk_size: int) -> jax.Array:
+  """Sum of the negative log-likelihoods at the masked (target) tokens of one shard.
+
+  The targets are gathered to the front (in token order) and cut into chunk_size chunks;
+  chunks past the last target skip the LM head (lax.cond), forward and backward, so the
+  logits cost ceil(#targets / chunk_size) chunks instead of every token's.
+  """
   d = hidden_BTD.shape[-1]
   h_ND = hidden_BTD.reshape(-1, d)
-  y_N, m_N = targets_BT.reshape(-1), loss_mask_BT.reshape(-1).astype(jnp.float32)
+  y_N, m_N = targets_BT.reshape(-1), mask_BT.reshape(-1)
   n = h_ND.shape[0]
   chunk = min(chunk_size, n)
-  pad = (-n) % chunk
-  h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
-  y_N, m_N = jnp.pad(y_N, (0, pad)), jnp.pad(m_N, (0, pad))
+  n_padded = n + (-n) % chunk
+  order_N = jnp.nonzero(m_N > 0, size=n_padded, fill_value=0)[0]
+  is_target_N = jnp.arange(n_padded) < jnp.sum(m_N > 0)
+  # Slots past the last target hold zeros, not a copy of some other token's state.
+  h_ND = jnp.where(is_target_N[:, None], h_ND[order_N], 0)
+  y_N = y_N[order_N]
+  w_N = jnp.where(is_target_N, m_N[order_N], 0.0)
 
   @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them
-  def chunk_nll(h_CD, y_C, m_C):
-    logits = jnp.dot(h_CD, head_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32)
+  def chunk_nll(h_CD, y_C, w_C):
+    logits = jnp.dot(h_CD, head_DV, preferred_element_type=jnp.float32)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y_C[:, None], 1)[:, 0]
-    return jnp.sum(nll * m_C)
+    return jnp.sum(nll * w_C)
 
   def body(total, xs):
-    return total + chunk_nll(*xs), None
+    has_target = xs[2][0] > 0  # targets come first: a chunk without one at its start has none
+    return total + jax.lax.cond(has_target, chunk_nll, lambda *_: jnp.zeros((), jnp.float32),
+                                *xs), None
 
   shape = (-1, chunk)
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (h_ND.reshape(*shape, d), y_N.reshape(shape), m_N.reshape(shape)))
-  count = loss_mask_BT.astype(jnp.float32).sum()
-  return total / jnp.maximum(count, 1.0), count
+                          (h_ND.reshape(*shape, d), y_N.reshape(shape), w_N.reshape(shape)))
+  return total
 
 
 def sample_patch_drop(key, batch: dict, masking: ml_collections.ConfigDict,

@@ -216,6 +216,18 @@ def activation_sharding(mesh: Mesh | None, rules):
     _ACTIVATION_RULES.reset(token)
 
 
+def target_platform() -> str:
+  """The platform the step being traced will run on: the active mesh's devices', else jax's.
+
+  A step compiled ahead of time for TPU devices from a CPU host (dry_run.py) must choose its
+  kernels for the TPU, not for the host's default backend.
+  """
+  active = _ACTIVATION_RULES.get()
+  if active is None:
+    return jax.default_backend()
+  return active[0].devices.flat[0].platform
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """x with a sharding constraint from the rules table; unchanged outside activation_sharding."""
   active = _ACTIVATION_RULES.get()

@@ -14,12 +14,14 @@ one that comes before the first step exits 0 without training. The workdir may b
 resumed run whose config differs records it as config.<step>.json (config_history.py). The
 console shows WARNING and above (--log_level), a bar that moves every step and a closing summary.
 `--dry_run` compiles the step for the mesh without allocating and prints per-device memory
-(dry_run.py); add `--dry_run_devices=N` to compile for N fake CPU devices.
+(dry_run.py); add `--dry_run_topology=v5p-128` (and `--dry_run_slices=N`) to compile for a TPU
+slice from any host with libtpu, or `--dry_run_devices=N` to compile for N fake CPU devices.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -41,6 +43,7 @@ from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import paths
 from tuna2_jax import sharding
+from tuna2_jax import topologies
 from tuna2_jax import train_state
 from tuna2_jax.convert import init_from
 from tuna2_jax.data import packing
@@ -55,6 +58,14 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the m
                              'time, print per-device memory and exit; nothing is allocated.')
 _DRY_RUN_DEVICES = flags.DEFINE_integer('dry_run_devices', None, 'With --dry_run: compile for '
                                         'this many fake CPU devices instead of the real ones.')
+_DRY_RUN_TOPOLOGY = flags.DEFINE_string(
+    'dry_run_topology', None, 'With --dry_run: compile for this TPU slice (v5p-8 .. v5p-1024, '
+    'v5e-*, v6e-*; needs libtpu) and compare the peak with its HBM: exit 1 when it does not '
+    'fit.')
+_DRY_RUN_SLICES = flags.DEFINE_integer('dry_run_slices', 1, 'With --dry_run_topology: that '
+                                       'many slices joined over DCN (multi-slice).')
+_DRY_RUN_STEP_TIME = flags.DEFINE_float('dry_run_step_time', None, 'With --dry_run: a step '
+                                        'time in seconds at which to report the MFU.')
 
 
 def validate(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -131,13 +142,31 @@ def setup(config: ml_collections.ConfigDict, mesh):
   return graphdef, abstract, shardings, step_fn
 
 
-def dry_run(config: ml_collections.ConfigDict) -> dict:
-  """Compiles the train step for config's mesh on abstract inputs; returns the memory report."""
+def dry_run(config: ml_collections.ConfigDict, devices=None,
+            topology: topologies.Topology | None = None,
+            step_time_s: float | None = None) -> dict:
+  """Compiles the train step for config's mesh over `devices` (default: jax's) on abstract
+  inputs; returns the memory report, with HBM and fit for a TPU topology's devices."""
   validate(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   _, abstract, shardings, step_fn = setup(config, mesh)
-  return dry_run_lib.memory_report(step_fn, abstract, shardings,
-                                   dry_run_lib.abstract_batch(config, mesh), mesh)
+  report = dry_run_lib.memory_report(step_fn, abstract, shardings,
+                                     dry_run_lib.abstract_batch(config, mesh), mesh)
+  return dry_run_lib.add_target(report, config, topology, step_time_s)
+
+
+def _topology_devices(config: ml_collections.ConfigDict) -> tuple[topologies.Topology, list]:
+  """The TPU slice of --dry_run_topology, checked against the config before libtpu loads."""
+  if _DRY_RUN_DEVICES.value:
+    raise app.UsageError('--dry_run_topology and --dry_run_devices exclude each other')
+  topology = topologies.get(_DRY_RUN_TOPOLOGY.value)
+  dry_run_lib.check_target(config, topology, _DRY_RUN_SLICES.value)
+  try:
+    topologies.check_libtpu()
+  except ImportError as e:
+    cli.fail(str(e))
+  jax.config.update('jax_platforms', 'cpu')  # the host compiles; libtpu only describes the TPUs
+  return topology, topologies.devices(topology, _DRY_RUN_SLICES.value)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -307,9 +336,19 @@ def main(argv):
   distributed.watch_sigterm()  # from here on, a SIGTERM stops the run cleanly
   cli.config_file()
   if _DRY_RUN.value:
-    if _DRY_RUN_DEVICES.value:
+    topology, devices = None, None
+    if _DRY_RUN_TOPOLOGY.value:
+      topology, devices = _topology_devices(_CONFIG.value)
+    elif _DRY_RUN_DEVICES.value:
       _use_fake_cpu_devices(_DRY_RUN_DEVICES.value)
-    print(dry_run_lib.format_report(dry_run(_CONFIG.value)), flush=True)
+    try:
+      report = dry_run(_CONFIG.value, devices, topology, _DRY_RUN_STEP_TIME.value)
+    except dry_run_lib.DoesNotFit as e:
+      print(f'DOES NOT FIT: {e}', flush=True)
+      sys.exit(1)
+    print(dry_run_lib.format_report(report), flush=True)
+    if topology is not None and not report['fits']:
+      sys.exit(1)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')

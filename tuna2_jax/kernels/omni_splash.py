@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from tuna2_jax import sharding
 from tuna2_jax.kernels.omni_flash import check_self_attention, key_bounds
 
 if TYPE_CHECKING:
@@ -73,9 +74,11 @@ def _kernel(part: str, t: int, heads: int, width: int, block: int, interpret: bo
     mask = sm.LocalMask(shape, window_size=(width, width), offset=0)
   else:
     raise ValueError(f'splash part {part!r}')
+  # The unfused backward (separate dq and dkv kernels): the fused one keeps a dq partial per
+  # key block, [heads, kv_blocks, T, K] per call (14 GiB per layer stack at 7B, 16k tokens).
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                        use_fused_bwd_kernel=True)
+                        block_q_dq=block, block_kv_dq=block, use_fused_bwd_kernel=False)
   with jax.ensure_compile_time_eval():  # mask tables are constants, also when built in a trace
     return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes,
                               head_shards=1, q_seq_shards=1, interpret=interpret,
@@ -88,8 +91,9 @@ def _part_backward(kernel, q, k, v, ids, o, lse, do):
   kw = kernel.kwargs
   collapse = lambda info: info._replace(partial_mask_blocks=info.partial_mask_blocks.reshape(
       -1, *info.partial_mask_blocks.shape[-2:])) if info.partial_mask_blocks is not None else info
-  dkv_info = collapse(kernel.dkv_mask_info)
-  res = (q, k, v, ids, None, o, lse, None, dkv_info)
+  # splash's residuals: q, k, v, segment ids, sinks, out, lse, dq and dkv mask infos.
+  res = (q, k, v, ids, None, o, lse, collapse(kernel.dq_mask_info),
+         collapse(kernel.dkv_mask_info))
   try:
     grads = sk._splash_attention_bwd(  # pylint: disable=protected-access
         False, kw['mask_value'], kw['is_mqa'], kw['block_sizes'], None, kw['mask_function'],
@@ -196,14 +200,15 @@ def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
   The block is `block`, or T rounded up to 128 for shorter rows; T is padded to a multiple of
-  it, and padded tokens see no keys. interpret defaults to True off TPU.
+  it, and padded tokens see no keys. interpret defaults to True unless the step targets TPU
+  devices (the platform of the traced step's mesh, else jax's default backend).
   """
   check_self_attention(q_BTHK, k_BTGK, 'omni splash')
   _, t, h, d = q_BTHK.shape
   if block % _LANES:
     raise ValueError(f'splash block {block} is not a multiple of {_LANES}')
   if interpret is None:
-    interpret = jax.default_backend() != 'tpu'
+    interpret = sharding.target_platform() != 'tpu'
   block = min(block, -(-t // _LANES) * _LANES)
   pad = (-t) % block
   seg = info.segment_ids

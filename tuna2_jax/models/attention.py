@@ -11,17 +11,23 @@ tokens only see their own span (the vision encoder, which runs per image).
 
 Kernels (config `model.attention`):
   dense       the reference below: an explicit [B, T, S] mask; any backend, any layout (KV cache).
+  omni_hopper kernels/omni_hopper.py: the omni mask's flash attention for Hopper (sm90) on
+              Pallas Mosaic GPU: only reachable key blocks, masks only on edge tiles, forward
+              and backward; bfloat16 / float16, head_dim 64 or 128; Mosaic GPU interpret mode
+              on CPU for tests. KV-cache calls run dense under it.
   omni_flash  kernels/omni_flash.py: Pallas flash attention with one key interval per query, no
-              T x T mask; GPU (Triton), or Pallas interpret mode on CPU for tests. Calls with a
-              KV cache (decoding, the sampler's prompt cache) run dense under it.
+              T x T mask; GPUs before Hopper (Triton), or Pallas interpret mode on CPU for tests.
+              Calls with a KV cache (decoding, the sampler's prompt cache) run dense under it.
   cudnn       cuDNN fused attention (jax.nn.dot_product_attention) given the omni mask as a
               boolean mask; GPU, bfloat16 / float16 only.
   splash      kernels/omni_splash.py: TPU splash attention, the omni mask decomposed onto a
               causal kernel and a banded image-span kernel merged by log-sum-exp (splash masks
               are static; the batch's spans arrive as segment ids); Pallas interpret mode on
               CPU for tests. KV-cache calls run dense under it.
-  auto        per backend: omni_flash on GPU, splash on TPU, dense on CPU; a preferred kernel
-              that cannot serve a call falls back to dense with a warning.
+  auto        per backend (the platform of the step's mesh, else jax's default backend):
+              on GPU omni_hopper, else (pre-Hopper GPU, float32, another head_dim) omni_flash;
+              splash on TPU; dense on CPU. A preferred kernel that cannot serve a call falls
+              back to the next (finally dense) with one warning per reason.
 Naming a kernel the backend or call cannot use raises ValueError instead of falling back.
 """
 
@@ -39,7 +45,10 @@ KINDS = ('omni', 'span')
 # Logical axes of attention's inputs, for kernels run per shard (sharding.per_shard).
 QUERY_AXES = ('batch', 'activation_length', 'heads', None)
 KV_AXES = ('batch', 'activation_length', 'kv_heads', None)
-IMPLS = ('auto', 'dense', 'omni_flash', 'cudnn', 'splash')
+IMPLS = ('auto', 'dense', 'omni_hopper', 'omni_flash', 'cudnn', 'splash')
+BLOCKWISE = ('omni_hopper', 'omni_flash', 'splash')  # self-attention kernels over packed rows
+# auto's preference per backend, best first; dense always serves.
+AUTO_ORDER = {'gpu': ('omni_hopper', 'omni_flash'), 'tpu': ('splash',)}
 # Finite so that fully masked rows (padding) give a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -101,6 +110,12 @@ def kernel_problem(impl: str, *, backend: str, dtype, head_dim: int) -> str | No
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       return f'cuDNN attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}'
     return None
+  if impl == 'omni_hopper':
+    if backend not in ('gpu', 'cpu'):
+      return f'the omni_hopper kernel lowers through Mosaic GPU only (backend is {backend})'
+    from tuna2_jax.kernels import omni_hopper  # Pallas imports stay off the reference path
+    return omni_hopper.problem(dtype=dtype, head_dim=head_dim,
+                               compute_capability=gpu_compute_capability(backend))
   if impl == 'omni_flash':
     if backend not in ('gpu', 'cpu'):
       return f'the omni_flash kernel lowers through Triton (GPU) only (backend is {backend})'
@@ -110,17 +125,33 @@ def kernel_problem(impl: str, *, backend: str, dtype, head_dim: int) -> str | No
   raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
 
 
+def gpu_compute_capability(backend: str) -> str | None:
+  """The compute capability of this host's GPUs ('9.0'), or None: no GPU here (a step compiled
+  for GPUs from a CPU host targets sm90, as Mosaic GPU's lowering does)."""
+  if backend != 'gpu':
+    return None
+  try:
+    devices = jax.devices('gpu')
+  except RuntimeError:
+    return None
+  return getattr(devices[0], 'compute_capability', None) if devices else None
+
+
 _warned: set[tuple[str, str]] = set()
 
 
 def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
                  backend: str | None = None) -> str:
-  """The kernel that runs a call: `impl` itself, or auto's pick for this backend and call."""
-  backend = backend or jax.default_backend()
+  """The kernel that runs a call: `impl` itself, or auto's pick for this backend and call.
+
+  The backend defaults to the platform of the mesh the step is traced for
+  (sharding.target_platform), so a TPU step compiled from a CPU host picks TPU kernels.
+  """
+  backend = backend or sharding.target_platform()
   if impl not in IMPLS:
     raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
   kw = dict(backend=backend, dtype=dtype, head_dim=head_dim)
-  if impl in ('auto', 'omni_flash', 'splash') and not self_attention:
+  if (impl == 'auto' or impl in BLOCKWISE) and not self_attention:
     return 'dense'  # KV-cache calls (decoding, the prompt cache): short queries, any key order
   if impl != 'auto':
     problem = kernel_problem(impl, **kw)
@@ -128,30 +159,34 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
       raise ValueError(f'attention impl {impl!r} cannot run here: {problem}; use '
                        "model.attention='auto' or 'dense'")
     return impl
-  preferred = {'gpu': 'omni_flash', 'tpu': 'splash'}.get(backend, 'dense')
-  problem = kernel_problem(preferred, **kw)
-  if problem is None:
-    return preferred
-  if (preferred, problem) not in _warned:  # once per reason, not once per layer and trace
-    _warned.add((preferred, problem))
-    logging.warning('attention auto: %s unavailable (%s); using dense', preferred, problem)
-  return 'dense'
+  order = AUTO_ORDER.get(backend, ()) + ('dense',)
+  for preferred, fallback in zip(order, order[1:]):
+    problem = kernel_problem(preferred, **kw)
+    if problem is None:
+      return preferred
+    if (preferred, problem) not in _warned:  # once per reason, not once per layer and trace
+      _warned.add((preferred, problem))
+      logging.warning('attention auto: %s unavailable (%s); trying %s', preferred, problem,
+                      fallback)
+  return order[-1]
 
 
 def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
               kind: str = 'omni', impl: str = 'dense') -> jax.Array:
   """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K].
 
-  The blockwise kernels (omni_flash, splash, and auto's use of them) need q_info is kv_info:
+  The blockwise kernels (BLOCKWISE, and auto's use of them) need q_info is kv_info:
   self-attention over packed rows; KV-cache calls pass a separate kv_info and run dense.
   """
   if kind not in KINDS:
     raise ValueError(f'attention kind {kind!r}: expected one of {KINDS}')
   impl = resolve_impl(impl, dtype=q_BTHK.dtype, head_dim=q_BTHK.shape[-1],
                       self_attention=q_info is kv_info)
-  if impl in ('omni_flash', 'splash'):
+  if impl in BLOCKWISE:
     # Pallas imports stay off the reference path.
-    if impl == 'omni_flash':
+    if impl == 'omni_hopper':
+      from tuna2_jax.kernels.omni_hopper import omni_hopper_attention as blockwise
+    elif impl == 'omni_flash':
       from tuna2_jax.kernels.omni_flash import omni_flash_attention as blockwise
     else:
       from tuna2_jax.kernels.omni_splash import omni_splash_attention as blockwise

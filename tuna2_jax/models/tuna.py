@@ -15,13 +15,14 @@ import ml_collections
 from flax import nnx
 
 from tuna2_jax import objectives
+from tuna2_jax import sharding
 from tuna2_jax.data.sequence import FIELDS
 from tuna2_jax.models.attention import IMPLS, MaskInfo
 from tuna2_jax.models.decoder import Decoder
 from tuna2_jax.models.flow_head import FlowHead, head_rope, timestep_embedder
 from tuna2_jax.models.patch_embed import PatchEmbed
 from tuna2_jax.models.timestep import ORDERS
-from tuna2_jax.models.transformer import dtype_of, empty_kv_cache
+from tuna2_jax.models.transformer import RESIDUAL, dtype_of, empty_kv_cache
 from tuna2_jax.models.vision_encoder import VisionEncoder
 
 VISIONS = ('patch', 'encoder')
@@ -110,13 +111,16 @@ class Tuna(nnx.Module):
     v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT,
                         patch_grid_BT4=batch['patch_grid'], info=patch_info)
     h_BTD = jnp.where(batch['is_patch'][..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
-    time_BTD = self.time_token(t_BT).astype(h_BTD.dtype)
+    time_BTD = sharding.constrain(self.time_token(t_BT), RESIDUAL).astype(h_BTD.dtype)
     return jnp.where(batch['is_time'][..., None], time_BTD, h_BTD)
 
   def __call__(self, batch: dict, x_BTP: jax.Array, t_BT: jax.Array,
                drop_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Training / full-sequence forward: (decoder hidden [B,T,D], x_hat [B,T,p*p*3])."""
     info = mask_info(batch)
+    # Split like the rows, so that the per-token time embeddings [B, T, D] computed from t (time
+    # tokens, the head's conditioning) are too, not replicated with all-reduces.
+    t_BT = sharding.constrain(t_BT, RESIDUAL[:2])
     hidden_BTD, _ = self.decoder(self.embed(batch, x_BTP, t_BT, drop_BT), info)
     x_hat_BTP, _ = self.run_head(hidden_BTD, t_BT, batch, info)
     return hidden_BTD, x_hat_BTP

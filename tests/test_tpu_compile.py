@@ -1,0 +1,89 @@
+"""Compiling the train step for a TPU slice from this CPU host (train.py --dry_run_topology).
+
+The compile itself needs libtpu (the 'tpu-aot' extra, also in 'test'); the checks of the target
+run before libtpu is loaded and need nothing.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT as REPO, load_experiment
+from tuna2_jax import dry_run, topologies, train
+
+
+def _tiny(mesh=None, batch_size=4):
+  """The runlocal 7B structure, with model.attention='auto' so that the target picks splash."""
+  config = load_experiment('tuna2_7b', 'runlocal=True')
+  config.model.attention = 'auto'
+  config.mesh.update(mesh or dict(data=1, fsdp=-1, tensor=1))
+  config.batch_size = batch_size
+  return config
+
+
+def test_topology_table_names_the_slices():
+  v5p = topologies.get('v5p-128')
+  assert (v5p.topology_name, v5p.num_devices, v5p.device_kind) == ('v5:4x4x4', 64, 'TPU v5')
+  assert v5p.wrap == (True, True, True) and not any(topologies.get('v5p-64').wrap)
+  assert topologies.get('v6e-256').num_devices == 256
+  assert topologies.get('v5e-8').hbm_bytes < topologies.get('v6e-8').hbm_bytes < v5p.hbm_bytes
+
+
+@pytest.mark.parametrize('change, topology, match', [
+    (dict(), 'v5p-3', r"unknown TPU topology 'v5p-3': expected one of v5p-8, "),
+    (dict(mesh=dict(data=3, fsdp=-1, tensor=1)), 'v5p-8',
+     r'v5p-8 \(4 devices, 4 per slice\).*4 is not divisible by 3'),
+    (dict(mesh=dict(data=1, fsdp=8, tensor=1)), 'v5p-8', r'needs 8 devices but 4 are available'),
+    (dict(batch_size=6), 'v5p-8', r'batch_size=6 does not split over the 4 batch shards'),
+])
+def test_bad_target_is_refused_naming_both_numbers(change, topology, match):
+  with pytest.raises(ValueError, match=match):
+    dry_run.check_target(_tiny(**change), topologies.get(topology), 1)
+
+
+def test_multi_slice_mesh_and_batch_are_checked_over_all_slices():
+  config = _tiny(dict(data=1, fsdp=-1, tensor=1, dcn_data=2), batch_size=8)
+  dry_run.check_target(config, topologies.get('v5p-8'), 2)  # 2 x 4 devices, 8 rows: fine
+  config.batch_size = 4
+  with pytest.raises(ValueError, match=r'batch_size=4 .* 8 batch shards .* 2 x v5p-8'):
+    dry_run.check_target(config, topologies.get('v5p-8'), 2)
+
+
+def test_fit_compares_the_peak_with_the_chips_hbm():
+  report = dict(peak_bytes=10 * topologies.GIB, devices=4, device_kind='TPU v5')
+  small = dataclasses.replace(topologies.get('v5p-8'), hbm_bytes=8 * topologies.GIB)
+  assert not dry_run.add_target(report, _tiny(), small, None)['fits']
+  out = dry_run.add_target(report, _tiny(), topologies.get('v5p-8'), step_time_s=1.0)
+  assert out['fits'] and 0 < out['mfu'] < 1
+
+
+def test_without_libtpu_the_flag_stops_with_the_install_command(tmp_path):
+  (tmp_path / 'libtpu.py').write_text("raise ImportError('no libtpu here')\n")
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+  run = subprocess.run(
+      [sys.executable, '-m', 'tuna2_jax.train',
+       '--config=experiments/tuna2_7b.py:runlocal=True', '--config.mesh.fsdp=-1',
+       '--config.batch_size=4', '--dry_run', '--dry_run_topology=v5p-8'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines() == [
+      "error: compiling for a TPU topology needs libtpu: pip install -e '.[tpu-aot]'"]
+
+
+def test_runlocal_step_compiles_for_a_v5p_8_with_splash():
+  pytest.importorskip('libtpu', reason='libtpu is not installed (the tpu-aot extra)')
+  topology = topologies.get('v5p-8')
+  config = _tiny()
+  report = train.dry_run(config, topologies.devices(topology), topology, step_time_s=0.01)
+  assert report['platform'] == 'tpu' and report['device_kind'] == 'TPU v5'
+  assert report['devices'] == 4 and report['mesh']['fsdp'] == 4
+  assert report['mosaic_calls'] > 0  # auto chose splash for the TPU mesh, lowered by Mosaic
+  assert 0 < report['temp_bytes'] < report['peak_bytes'] < topology.hbm_bytes
+  assert report['fits'] and report['hbm_bytes'] == topology.hbm_bytes
+  assert 0 < report['mfu'] < 1
+  text = dry_run.format_report(report)
+  assert 'v5p-8: 4 x TPU v5' in text and 'fits: peak is' in text and 'MFU' in text
