@@ -40,5 +40,8 @@ setup(
         # Compiling for TPU slices from any host (train.py --dry_run_topology): the libtpu that
         # jax[tpu] pins for jax 0.10.2.
         'tpu-aot': ['libtpu==0.0.42.*'],
+        # The same for GPU nodes (--dry_run_topology=h100-8): jax's CUDA plugin alone, without
+        # the CUDA libraries (no GPU or driver is needed to compile).
+        'gpu-aot': ['jax-cuda12-plugin==0.10.2'],
     },
 )
