@@ -7,6 +7,9 @@ tuna_r_7b_sft.py.
 
   python -m tuna2_jax.train --config=experiments/tuna_r_7b.py --workdir=gs://BUCKET/tuna_r_7b \
       --config.init_from=gs://BUCKET/tuna_r_7b_align
+
+Memory on the pod: `--dry_run --dry_run_topology=v5p-128` (docs/scaling.md); not yet measured
+with the current kernels and shardings.
 """
 
 import os
