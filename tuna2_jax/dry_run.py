@@ -75,13 +75,16 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
           for k, v in row.items()}
 
 
-def step_flops(config: ml_collections.ConfigDict) -> float:
-  """Analytic model FLOPs of one train step whose rows are packed text->image samples."""
+def step_flops(config: ml_collections.ConfigDict) -> float | None:
+  """Analytic model FLOPs of one train step whose rows are packed text->image samples (None
+  when a row cannot hold one such sample)."""
   p, size = config.model.patch_size, config.data.image_size
   sample = seq.assemble([seq.Text(np.zeros(FLOPS_CAPTION_TOKENS, np.int32)),
                          seq.Image(np.zeros((size, size, 3), np.uint8), generate=True)],
                         't2i', img_id=1, patch_size=p)
-  fit = max(config.seq_len // len(sample['tokens']), 0)
+  fit = config.seq_len // len(sample['tokens'])
+  if not fit:
+    return None
   row = seq.pack([sample] * fit, config.seq_len, patch_size=p, pad_id=0)
   return config.batch_size * flops.train_step_flops(config.model, {k: v[None]
                                                                    for k, v in row.items()})
@@ -132,7 +135,7 @@ def add_target(report: dict, config: ml_collections.ConfigDict,
     report.update(topology=topology.name, hbm_bytes=topology.hbm_bytes,
                   fits=report['peak_bytes'] <= topology.hbm_bytes)
   peak = flops.peak_flops(report['device_kind'])
-  if step_time_s and peak:
+  if step_time_s and peak and report['step_flops']:
     report['mfu'] = report['step_flops'] / step_time_s / report['devices'] / peak
   return report
 
@@ -153,7 +156,9 @@ def format_report(report: dict) -> str:
     share = report['peak_bytes'] / report['hbm_bytes']
     lines.append(f"  {'HBM of the chip':<36} {report['hbm_bytes'] / GIB:10.3f} GiB")
     lines.append(f"  {'fits' if report['fits'] else 'DOES NOT FIT'}: peak is {share:.1%} of HBM")
-  if 'step_flops' in report:
+  if report.get('step_flops') is None:
+    lines.append('analytic model FLOPs: n/a (a row holds no whole text->image sample)')
+  else:
     per_device = report['step_flops'] / report['devices']
     line = (f"analytic model FLOPs per step: {report['step_flops']:.3e} "
             f"({per_device / 1e12:.1f} TFLOP per device; rows of text->image samples)")
