@@ -46,5 +46,8 @@ setup(
         # orbax's arrays go through tensorstore, which needs nothing more.
         'gcs': ['gcsfs'],
         'wandb': ['wandb'],
+        # The same for GPU nodes (--dry_run_topology=h100-8): jax's CUDA plugin alone, without
+        # the CUDA libraries (no GPU or driver is needed to compile).
+        'gpu-aot': ['jax-cuda12-plugin==0.10.2'],
     },
 )

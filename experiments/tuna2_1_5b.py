@@ -9,6 +9,10 @@ at the same size (SigLIP 2 So400M/16 encoder and connector in front of the same 
   python benchmarks/train_step.py --config=experiments/tuna2_1_5b.py:vision=encoder
   python -m tuna2_jax.train --config=experiments/tuna2_1_5b.py --workdir=runs/1_5b \
       --config.init.decoder_from=/data/Qwen2.5-1.5B-Instruct
+  python -m tuna2_jax.train --config=experiments/tuna2_1_5b.py --dry_run --dry_run_topology=v6e-8
+
+The TPU it is sized for: a v6e-8 (fsdp=8, one 8k row per chip, splash): peak 12.9 GiB per chip
+of 31.25 GiB (41.3%, fits).
 
 Args: vision=patch|encoder; runlocal=True shrinks the widths for a smoke run with the same
 structure.
@@ -28,10 +32,14 @@ def get_config(arg: str | None = None):
       dec=config_lib.qwen2_5_1_5b(),
       head=config_lib.official_flow_head(16, 24, 6, 64, 8960, rope_split=(16, 24, 24)),
       encoder=config_lib.siglip2_so400m_16(max_grid=32)))
-  c.model.update(dtype='bfloat16', param_dtype='float32', remat='dots_no_batch')
+  # Compiled for a v6e-8 (8 x 31.25 GiB; docs/scaling.md): with fsdp over the 8 chips and full
+  # remat, one 8k row per chip peaks at 12.9 GiB (41.3% of HBM); remat='dots_no_batch' needs
+  # 39.2 GiB (125%) and does not fit.
+  c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
   # The official Tuna-2 conventions, with the exact pixel layout of new training.
   c.model.update(config_lib.OFFICIAL_MODEL, pixel_layout='exact')
   c.sampling.update(config_lib.OFFICIAL_SAMPLING)
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.total_steps = 100_000
   c.seq_len = 8192
   c.batch_size = 8

@@ -1,7 +1,8 @@
-"""Compiling the train step for a TPU slice from this CPU host (train.py --dry_run_topology).
+"""Compiling the train step for a TPU slice (or a GPU node) from this CPU host (train.py
+--dry_run_topology).
 
-The compile itself needs libtpu (the 'tpu-aot' extra, also in 'test'); the checks of the target
-run before libtpu is loaded and need nothing.
+The TPU compile needs libtpu (the 'tpu-aot' extra, also in 'test'), the GPU compile jax's CUDA
+plugin (the 'gpu-aot' extra); the checks of the target run before either loads and need nothing.
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ def test_topology_table_names_the_slices():
 
 
 @pytest.mark.parametrize('change, topology, match', [
-    (dict(), 'v5p-3', r"unknown TPU topology 'v5p-3': expected one of v5p-8, "),
+    (dict(), 'v5p-3', r"unknown topology 'v5p-3': expected one of v5p-8, "),
     (dict(mesh=dict(data=3, fsdp=-1, tensor=1)), 'v5p-8',
      r'v5p-8 \(4 devices, 4 per slice\).*4 is not divisible by 3'),
     (dict(mesh=dict(data=1, fsdp=8, tensor=1)), 'v5p-8', r'needs 8 devices but 4 are available'),
@@ -71,7 +72,7 @@ def test_without_libtpu_the_flag_stops_with_the_install_command(tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert run.returncode == 2
   assert run.stderr.strip().splitlines() == [
-      "error: compiling for a TPU topology needs libtpu: pip install -e '.[tpu-aot]'"]
+      "error: compiling for v5p-8 needs libtpu: pip install -e '.[tpu-aot]'"]
 
 
 def test_runlocal_step_compiles_for_a_v5p_8_with_splash():
@@ -81,9 +82,20 @@ def test_runlocal_step_compiles_for_a_v5p_8_with_splash():
   report = train.dry_run(config, topologies.devices(topology), topology, step_time_s=0.01)
   assert report['platform'] == 'tpu' and report['device_kind'] == 'TPU v5'
   assert report['devices'] == 4 and report['mesh']['fsdp'] == 4
-  assert report['mosaic_calls'] > 0  # auto chose splash for the TPU mesh, lowered by Mosaic
+  assert report['kernel_calls'] > 0  # auto chose splash for the TPU mesh, lowered by Mosaic
   assert 0 < report['temp_bytes'] < report['peak_bytes'] < topology.hbm_bytes
   assert report['fits'] and report['hbm_bytes'] == topology.hbm_bytes
   assert 0 < report['mfu'] < 1
   text = dry_run.format_report(report)
   assert 'v5p-8: 4 x TPU v5' in text and 'fits: peak is' in text and 'MFU' in text
+
+
+def test_runlocal_step_compiles_for_an_h100_node_with_omni_flash():
+  pytest.importorskip('jax_plugins.xla_cuda12',
+                      reason="jax's CUDA plugin is not installed (the gpu-aot extra)")
+  topology = topologies.get('h100-8')
+  config = _tiny(batch_size=8)
+  report = train.dry_run(config, topologies.devices(topology), topology)
+  assert report['platform'] == 'gpu' and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  assert report['kernel_calls'] > 0  # auto chose omni_flash for the GPU mesh, through Triton
+  assert report['fits'] and 0 < report['temp_bytes'] < report['peak_bytes']

@@ -9,10 +9,11 @@ allocated, only lowered and compiled. Parameter / optimizer / EMA bytes per devi
 the shardings (exact for any backend); arguments, outputs, temporaries and code come from XLA's
 memory analysis of the compiled program.
 
---dry_run_topology compiles for a TPU slice (topologies.py) from any host with libtpu
-installed: XLA's TPU compiler, Mosaic kernels (splash) and every kernel choice made for the
-TPU, as on the pod. The report compares the peak with the chip's HBM; a program that compiles
-may still not fit, and the command then exits with status 1. --dry_run_devices compiles for
+--dry_run_topology compiles for a TPU slice or a GPU node (topologies.py) from any host with
+libtpu (or jax's CUDA plugin) installed: XLA's TPU (GPU) compiler, Mosaic (Triton) kernels and
+every kernel choice made for the target, as on the pod. The report compares the peak with the
+device's memory; a program that compiles may still not fit, and the command then exits with
+status 1. --dry_run_devices compiles for
 that many fake CPU devices: the target's partitioning, but the CPU compiler's temporaries (no
 TPU/GPU fusions or async collectives) and dense attention, a guide to within tens of percent.
 """
@@ -35,6 +36,8 @@ GIB = 1024 ** 3
 # The rows the analytic FLOPs count: text->image samples, each an image of data.image_size
 # with a caption of this many tokens, packed while they fit (the flow objective's usual row).
 FLOPS_CAPTION_TOKENS = 64
+# How the lowered program names Pallas kernels (splash through Mosaic, omni_flash through Triton).
+KERNEL_CALLS = ('tpu_custom_call', '__gpu$xla.gpu.triton')
 
 
 class DoesNotFit(RuntimeError):
@@ -72,13 +75,16 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
           for k, v in row.items()}
 
 
-def step_flops(config: ml_collections.ConfigDict) -> float:
-  """Analytic model FLOPs of one train step whose rows are packed text->image samples."""
+def step_flops(config: ml_collections.ConfigDict) -> float | None:
+  """Analytic model FLOPs of one train step whose rows are packed text->image samples (None
+  when a row cannot hold one such sample)."""
   p, size = config.model.patch_size, config.data.image_size
   sample = seq.assemble([seq.Text(np.zeros(FLOPS_CAPTION_TOKENS, np.int32)),
                          seq.Image(np.zeros((size, size, 3), np.uint8), generate=True)],
                         't2i', img_id=1, patch_size=p)
-  fit = max(config.seq_len // len(sample['tokens']), 0)
+  fit = config.seq_len // len(sample['tokens'])
+  if not fit:
+    return None
   row = seq.pack([sample] * fit, config.seq_len, patch_size=p, pad_id=0)
   return config.batch_size * flops.train_step_flops(config.model, {k: v[None]
                                                                    for k, v in row.items()})
@@ -105,7 +111,7 @@ def memory_report(step_fn, abstract_state: dict, state_shardings: dict, batch: d
   out = {'mesh': dict(mesh.shape), 'devices': int(np.prod(list(mesh.shape.values()))),
          'device_kind': device.device_kind, 'platform': device.platform,
          'lower_s': t1 - t0, 'compile_s': t2 - t1,
-         'mosaic_calls': lowered.as_text().count('tpu_custom_call')}
+         'kernel_calls': sum(lowered.as_text().count(c) for c in KERNEL_CALLS)}
   for name in ('params', 'opt', 'ema'):
     out[f'{name}_bytes'] = sharding.per_device_bytes(abstract_state[name], state_shardings[name])
   out['batch_bytes'] = sharding.per_device_bytes(batch,
@@ -129,7 +135,7 @@ def add_target(report: dict, config: ml_collections.ConfigDict,
     report.update(topology=topology.name, hbm_bytes=topology.hbm_bytes,
                   fits=report['peak_bytes'] <= topology.hbm_bytes)
   peak = flops.peak_flops(report['device_kind'])
-  if step_time_s and peak:
+  if step_time_s and peak and report['step_flops']:
     report['mfu'] = report['step_flops'] / step_time_s / report['devices'] / peak
   return report
 
@@ -138,7 +144,7 @@ def format_report(report: dict) -> str:
   target = report.get('topology') or report['platform']
   lines = [f"{target}: {report['devices']} x {report['device_kind']}, mesh {report['mesh']}; "
            f"lowered in {report['lower_s']:.1f}s, compiled in {report['compile_s']:.1f}s "
-           f"({report['mosaic_calls']} Mosaic kernel calls)",
+           f"({report['kernel_calls']} Pallas kernel calls: Mosaic on TPU, Triton on GPU)",
            'per device:']
   for name, label in (('params', 'parameters'), ('opt', 'optimizer state'), ('ema', 'EMA'),
                       ('batch', 'batch'), ('argument', 'arguments (all of the above)'),
@@ -150,7 +156,9 @@ def format_report(report: dict) -> str:
     share = report['peak_bytes'] / report['hbm_bytes']
     lines.append(f"  {'HBM of the chip':<36} {report['hbm_bytes'] / GIB:10.3f} GiB")
     lines.append(f"  {'fits' if report['fits'] else 'DOES NOT FIT'}: peak is {share:.1%} of HBM")
-  if 'step_flops' in report:
+  if report.get('step_flops') is None:
+    lines.append('analytic model FLOPs: n/a (a row holds no whole text->image sample)')
+  else:
     per_device = report['step_flops'] / report['devices']
     line = (f"analytic model FLOPs per step: {report['step_flops']:.3e} "
             f"({per_device / 1e12:.1f} TFLOP per device; rows of text->image samples)")

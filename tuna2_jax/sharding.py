@@ -73,8 +73,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence | None = No
   wanted_slices = math.prod(int(mesh_cfg.get(k, 1)) for k in DCN_KEYS)
   # Without slice_index (CPU, most GPU set-ups) nodes stand in for slices: one per process.
   slices = _num_slices(devices)
-  if slices == 1 and wanted_slices != 1 and jax.process_count() > 1:
-    slices = jax.process_count()
+  processes = len({d.process_index for d in devices})
+  if slices == 1 and wanted_slices != 1 and processes > 1:
+    slices = processes
   ici, dcn = mesh_shape(mesh_cfg, len(devices), slices)
   if math.prod(dcn) > 1:
     grid = mesh_utils.create_hybrid_device_mesh(

@@ -60,10 +60,10 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer('dry_run_devices', None, 'With --dry_run
                                         'this many fake CPU devices instead of the real ones.')
 _DRY_RUN_TOPOLOGY = flags.DEFINE_string(
     'dry_run_topology', None, 'With --dry_run: compile for this TPU slice (v5p-8 .. v5p-1024, '
-    'v5e-*, v6e-*; needs libtpu) and compare the peak with its HBM: exit 1 when it does not '
-    'fit.')
+    'v5e-*, v6e-*; needs libtpu) or GPU node (h100-8; needs the CUDA plugin) and compare the '
+    'peak with its memory: exit 1 when it does not fit.')
 _DRY_RUN_SLICES = flags.DEFINE_integer('dry_run_slices', 1, 'With --dry_run_topology: that '
-                                       'many slices joined over DCN (multi-slice).')
+                                       'many slices (GPU: nodes) joined over DCN.')
 _DRY_RUN_STEP_TIME = flags.DEFINE_float('dry_run_step_time', None, 'With --dry_run: a step '
                                         'time in seconds at which to report the MFU.')
 
@@ -162,10 +162,10 @@ def _topology_devices(config: ml_collections.ConfigDict) -> tuple[topologies.Top
   topology = topologies.get(_DRY_RUN_TOPOLOGY.value)
   dry_run_lib.check_target(config, topology, _DRY_RUN_SLICES.value)
   try:
-    topologies.check_libtpu()
+    topologies.check_compiler(topology)
   except ImportError as e:
     cli.fail(str(e))
-  jax.config.update('jax_platforms', 'cpu')  # the host compiles; libtpu only describes the TPUs
+  jax.config.update('jax_platforms', 'cpu')  # the host compiles; the plugin describes the target
   return topology, topologies.devices(topology, _DRY_RUN_SLICES.value)
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from tuna2_jax import sharding
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -265,12 +267,13 @@ def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str = 
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
   T is padded up to a multiple of the block sizes internally; padded tokens see no keys.
-  interpret defaults to True off GPU (Pallas interpret mode, for tests on CPU).
+  interpret defaults to True unless the step targets GPUs (the platform of the traced step's
+  mesh, else jax's default backend): Pallas interpret mode, for tests on CPU.
   """
   check_self_attention(q_BTHK, k_BTGK, 'omni flash')
   t = q_BTHK.shape[1]
   if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
+    interpret = sharding.target_platform() != 'gpu'
   lo, hi = key_bounds(info, kind)
   block = max(block_q, block_k)
   pad = (-t) % block
