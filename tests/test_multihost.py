@@ -71,7 +71,8 @@ def test_two_processes_train_save_and_one_device_resumes(tmp_path):
     _finish(proc)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
   assert _data_item(workdir / 'checkpoints' / '2')['process_count'] == 2
-  assert os.listdir(workdir / 'samples') == ['step_000002.png']  # process 0 only
+  # process 0 only: the grid and its captions
+  assert sorted(os.listdir(workdir / 'samples')) == ['step_000002.json', 'step_000002.png']
 
   _finish(_train(workdir, 4, 1))  # one process, one device
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
