@@ -258,8 +258,8 @@ class EvalHistory:
 
 def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
                   step: int, writer: metrics_lib.MetricsWriter | None = None) -> list[str]:
-  """The sample grids of a step: samples/step_XXXXXX.png (images generated for the prompts,
-  with the shapes checker's marks where it applies) and samples/step_XXXXXX_understanding.png
+  """The sample grids of a step: samples/step_NNNNNN.png (images generated for the prompts,
+  with the shapes checker's marks where it applies) and samples/step_NNNNNN_understanding.png
   (answers to the questions about the images), each with a .json of its captions and marks,
   and the grids to TensorBoard (samples/generation, samples/understanding, and
   samples/checker_pass, the share of marked tiles that pass). Returns the PNG paths.
