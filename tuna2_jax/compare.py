@@ -27,6 +27,7 @@ from absl import app, flags
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import cli
+from tuna2_jax.config_history import flatten
 from tuna2_jax.evaluate import HISTORY_FILE
 
 ALWAYS_DIFFERENT = ('seed',)  # the seeds of an arm, and of the arms, differ by design
@@ -69,17 +70,6 @@ class Run:
     return {k for r in self.history for k, v in r.items()
             if k.startswith('shapes/') and isinstance(v, (int, float))
             and not _SKIPPED_METRICS.search(k)}
-
-
-def flatten(tree: dict, prefix: str = '') -> dict[str, object]:
-  out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      out.update(flatten(value, name + '.'))
-    else:
-      out[name] = value
-  return out
 
 
 def _same(a, b) -> bool:

@@ -28,12 +28,13 @@ _HINTS = {'data.worker_count': 'the data-iterator state is kept per worker, so g
 _MAX_LISTED = 8  # changed keys named in a log line or an error; the rest are counted
 
 
-def _flat(tree: dict, prefix: str = '') -> dict[str, object]:
+def flatten(tree: dict, prefix: str = '') -> dict[str, object]:
+  """{'a.b.c': value} for a nested dict."""
   out = {}
   for key, value in tree.items():
     name = f'{prefix}{key}'
     if isinstance(value, dict):
-      out.update(_flat(value, name + '.'))
+      out.update(flatten(value, name + '.'))
     else:
       out[name] = value
   return out
@@ -41,7 +42,7 @@ def _flat(tree: dict, prefix: str = '') -> dict[str, object]:
 
 def changes(old: dict, new: dict) -> dict[str, tuple[object, object]]:
   """{dotted key: (old value, new value)} of every key that differs; a missing side is None."""
-  a, b = _flat(old), _flat(new)
+  a, b = flatten(old), flatten(new)
   return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
