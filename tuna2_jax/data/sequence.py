@@ -21,7 +21,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from tuna2_jax.layout import FIELDS, TASK_IDS
+from tuna2_jax import layout
 
 
 @dataclasses.dataclass
@@ -151,7 +151,7 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
       'is_time': is_time,
       'is_patch': is_patch,
       'gen_mask': gen_mask,
-      'task': np.full(length, TASK_IDS[task], np.int32),
+      'task': np.full(length, layout.TASK_IDS[task], np.int32),
       'patches': patches,
       'pos3': pos3.astype(np.int32),
       'patch_grid': patch_grid,
@@ -184,7 +184,7 @@ def pack(samples: Sequence[dict], seq_len: int, *, patch_size: int, pad_id: int)
   if not samples:
     return empty_row(seq_len, patch_size, pad_id)
   row = {}
-  for k in FIELDS:
+  for k in layout.FIELDS:
     first = samples[0][k]
     row[k] = np.empty((seq_len, *first.shape[1:]), first.dtype)
     np.concatenate([s[k] for s in samples], out=row[k][:total])
@@ -210,7 +210,7 @@ def stack_left_padded(samples: Sequence[dict], *, patch_size: int, pad_id: int,
     if n > length:
       raise ValueError(f'sample of {n} tokens is longer than {length}')
     row = empty_row(length, patch_size, pad_id)
-    for k in FIELDS:
+    for k in layout.FIELDS:
       row[k][length - n:] = s[k]
     rows.append(row)
-  return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+  return {k: np.stack([r[k] for r in rows]) for k in layout.FIELDS}
