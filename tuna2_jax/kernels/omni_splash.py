@@ -192,7 +192,8 @@ def _span(cfg: _Config, q, k, v, q_run, kv_run, band):
 
 
 def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,
-                          kind: str = 'omni', block: int = 512, interpret: bool | None = None) -> jax.Array:
+                          kind: str = 'omni', block: int = 512,
+                          interpret: bool | None = None) -> jax.Array:
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
   The block is `block`, or T rounded up to 128 for shorter rows; T is padded to a multiple of
