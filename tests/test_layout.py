@@ -138,3 +138,19 @@ def test_the_builders_write_exactly_the_schema():
   assert set(layout.TASK_IDS.values()) == set(range(1, len(layout.TASK_IDS) + 1))
   with pytest.raises(ValueError, match="'pixels'"):
     layout.trailing_shape('pixels', P)
+
+
+def test_the_typed_batch_round_trips():
+  import dataclasses
+  assert [f.name for f in dataclasses.fields(layout.Batch)] == [layout.batch_name(k)
+                                                               for k in layout.FIELDS]
+  rows = dict(_packed(5), extra=np.zeros(3))
+  typed = layout.Batch.from_rows(rows)
+  assert typed.patches_BTP is rows['patches'] and typed.pos3_BT3.shape == (4, T, 3)
+  back = typed.rows()
+  assert list(back) == list(layout.FIELDS) and all(back[k] is rows[k] for k in layout.FIELDS)
+  # A pytree: it crosses jit, and its leaves are the fields in SCHEMA order.
+  leaves = jax.tree.leaves(typed)
+  assert len(leaves) == len(layout.FIELDS) and leaves[0] is rows['tokens']
+  with pytest.raises(ValueError, match=r"\['gen_mask'\]"):
+    layout.Batch.from_rows({k: v for k, v in rows.items() if k != 'gen_mask'})

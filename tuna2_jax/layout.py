@@ -62,6 +62,45 @@ SCHEMA = {f.name: f for f in (
 FIELDS = tuple(SCHEMA)
 
 
+def batch_name(name: str) -> str:
+  """A field's name with its batch shape as suffix: 'tokens' -> 'tokens_BT', 'patches' ->
+  'patches_BTP', 'pos3' -> 'pos3_BT3' (the names of `Batch`)."""
+  if name not in SCHEMA:
+    raise ValueError(f'row field {name!r}: expected one of {FIELDS}')
+  return f"{name}_BT{''.join(str(d) for d in SCHEMA[name].trailing)}"
+
+
+@struct.dataclass
+class Batch:
+  """A batch of rows [B, T, ...] as typed, shape-named fields (a pytree), one per SCHEMA field;
+  `from_rows` builds it from the data pipeline's {field: array} dict, `rows` gives that back."""
+  tokens_BT: jax.Array
+  targets_BT: jax.Array
+  loss_mask_BT: jax.Array
+  segment_ids_BT: jax.Array
+  positions_BT: jax.Array
+  span_ids_BT: jax.Array
+  is_time_BT: jax.Array
+  is_patch_BT: jax.Array
+  gen_mask_BT: jax.Array
+  task_BT: jax.Array
+  patches_BTP: jax.Array
+  pos3_BT3: jax.Array
+  patch_grid_BT4: jax.Array
+
+  @classmethod
+  def from_rows(cls, batch: dict) -> 'Batch':
+    """The typed view of a {field: [B, T, ...]} batch; keys outside SCHEMA are left out."""
+    missing = [k for k in FIELDS if k not in batch]
+    if missing:
+      raise ValueError(f'batch lacks the row fields {missing}; it has {sorted(batch)}')
+    return cls(**{batch_name(k): batch[k] for k in FIELDS})
+
+  def rows(self) -> dict:
+    """The {field: [B, T, ...]} dict the data pipeline yields (the same arrays)."""
+    return {k: getattr(self, batch_name(k)) for k in FIELDS}
+
+
 def trailing_shape(name: str, patch_size: int) -> tuple[int, ...]:
   """The shape of field `name` after its [T] (or [B, T]) axes, for patches of patch_size."""
   if name not in SCHEMA:
