@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from tuna2_jax import cli
 from tuna2_jax import heldout
+from tuna2_jax import layout
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import paths
 from tuna2_jax import sample_grids
@@ -82,7 +83,7 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
         cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
         cfg_interval_open=bool(s.cfg_interval_open))
     x = sharding.to_host(x)
-    target = batch['gen_mask'] & batch['is_patch']
+    target = layout.flow_targets_BT(batch)
     for b in range(n):
       images.append(to_uint8(seq.unpatchify(x[b][target[b]], height, width, p)))
   return images

@@ -23,6 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from tuna2_jax import layout
 from tuna2_jax.data import records
 from tuna2_jax.data import sequence as seq
 
@@ -33,17 +34,17 @@ SKIPPED_KEYS = tuple(SKIPPED_PREFIX + r for r in records.FAULT_REASONS)
 
 
 def fault_marker(reason: str, stream: int = 0) -> dict:
-  """A skipped record of the stream with task id `stream` (sequence.TASK_IDS; 0: unnamed)."""
+  """A skipped record of the stream with task id `stream` (layout.TASK_IDS; 0: unnamed)."""
   return {FAULT_KEY: np.int32(records.FAULT_REASONS.index(reason)), STREAM_KEY: np.int32(stream)}
 
 
 def _stream_name(stream: int, stream_names: dict) -> str:
-  name = next((t for t, i in seq.TASK_IDS.items() if i == stream), None)
+  name = next((t for t, i in layout.TASK_IDS.items() if i == stream), None)
   return stream_names.get(name, f'the {name} stream') if name else 'the data'
 
 
 class FirstFitPackIterDataset(grain.IterDataset):
-  """Samples -> rows of seq_len tokens (sequence.FIELDS plus SKIPPED_KEYS scalars)."""
+  """Samples -> rows of seq_len tokens (layout.FIELDS plus SKIPPED_KEYS scalars)."""
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, num_bins: int, patch_size: int,
                pad_id: int, max_consecutive_faults: int = 10_000,
@@ -164,7 +165,7 @@ class _PackIterator(grain.DatasetIterator):
 def pop_skipped(batch: dict, totals: dict | None) -> dict | None:
   """Removes the SKIPPED_KEYS counts from a batch and adds them to `totals` (None: no counts).
 
-  They are host-side bookkeeping: the batch that goes to the devices holds only sequence.FIELDS.
+  They are host-side bookkeeping: the batch that goes to the devices holds only layout.FIELDS.
   """
   if SKIPPED_KEYS[0] not in batch:
     return totals
