@@ -4,7 +4,8 @@ r"""Trains Tuna-2 / Tuna-R.
       [--config.total_steps=2000 ...]
 
 Sections: config -> mesh -> state (init or resume) -> data -> step -> loop (log, eval,
-checkpoint). Re-running with the same workdir resumes from its latest checkpoint.
+checkpoint), built from trainer.py's skeleton; this file brings the loss and the eval and
+sample hooks. Re-running with the same workdir resumes from its latest checkpoint.
 
 Several processes (pods, clusters; see launch/): every process runs this same command, joined by
 jax.distributed (distributed.py). Each loads its share of the batch; only process 0 writes logs,
