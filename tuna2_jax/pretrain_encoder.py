@@ -4,10 +4,10 @@ r"""Pretrains Tuna-R's vision encoder with SigLIP's sigmoid image-text loss, in 
 
 Trains models/siglip.py on shapes images and their captions (training scenes only), logs
 loss, in-batch accuracy and held-out retrieval to DIR/metrics.jsonl and TensorBoard, resumes
-from DIR's checkpoints like train.py (both are built from trainer.py), and at the last step writes the ViT to DIR/encoder
-(convert/vision_ckpt.py), which a Tuna-R config loads with --config.init.encoder_from=DIR/encoder.
-Held-out retrieval (image -> caption and caption -> image top-1 among eval.num_retrieval
-held-out scenes) goes to DIR/eval.json.
+from DIR's checkpoints like train.py (both are built from trainer.py), and at the last step
+writes the ViT to DIR/encoder (convert/vision_ckpt.py), which a Tuna-R config loads with
+--config.init.encoder_from=DIR/encoder. Held-out retrieval (image -> caption and caption ->
+image top-1 among eval.num_retrieval held-out scenes) goes to DIR/eval.json.
 """
 
 from __future__ import annotations
