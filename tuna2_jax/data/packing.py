@@ -8,8 +8,9 @@ next window. `sequence.pack` lays each row out (segments 1..n, span ids renumber
 Fault markers ({FAULT_KEY: reason index, STREAM_KEY: the stream's task id}, from records the
 loader skipped) are counted and the counts ride on the first row of their window as
 'skipped/<reason>' scalars, so the counters reach the trainer through any number of worker
-processes; SkippedRecords takes them off again and keeps the totals. A stream whose last `max_consecutive_faults` records were all skipped stops the run
-with an error naming it (its data went missing or unreadable mid-run).
+processes; SkippedRecords takes them off again and keeps the totals. A stream whose last
+`max_consecutive_faults` records were all skipped stops the run with an error naming it (its
+data went missing or unreadable mid-run).
 
 The iterator state is (parent state at the window's start, rows already emitted from it):
 restoring re-reads and re-packs that window and drops the emitted rows, so a resumed iterator
