@@ -143,12 +143,12 @@ class HeldoutLoss:
     local = c.batch_size // count
     rows = _rows(c, self.tok, task, spec, index, count)
     totals = dict.fromkeys(('text_sum', 'text_tokens', 'flow_sum', 'flow_tokens'), 0.0)
-    skipped = dict.fromkeys(packing.SKIPPED_KEYS, 0)  # every process sums them below
+    skipped = packing.SkippedRecords()  # every process sums them below
     key = jax.random.key(c.seed + _KEY_OFFSET)
     for b in range(int(c.eval.loss_batches)):
       batch = [next(rows) for _ in range(local)]
       for row in batch:
-        skipped = packing.pop_skipped(row, skipped)
+        skipped.take(row)
       host = {k: np.stack([r[k] for r in batch]) for k in layout.FIELDS}
       placed = (sharding.global_batch(host, mesh, c.sharding_rules) if mesh is not None
                 else host)
@@ -166,5 +166,5 @@ class HeldoutLoss:
       out[f'{name}/{part}_loss'] = totals[f'{part}_sum'] / totals[f'{part}_tokens']
     if parts:  # a stream whose records were all skipped has no loss, only its counts
       out[f'{name}/loss'] = sum(coeff * out[f'{name}/{part}_loss'] for part, coeff in parts)
-    out[f'{name}/skipped'] = float(sum(packing.skipped_totals(skipped, count).values()))
+    out[f'{name}/skipped'] = float(sum(skipped.figures(count).values()))
     return out

@@ -294,19 +294,19 @@ def mixture_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, local_
 
 
 def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
-                  process_count: int = 1, checked: bool = False) -> grain.IterDataset:
+                  process_count: int = 1, sources_checked: bool = False) -> grain.IterDataset:
   """Batches of this process's rows: [batch_size / process_count, seq_len, ...] per field.
 
   Mixture batches also hold packing.SKIPPED_KEYS: per-row counts of skipped records, which the
-  trainer pops before the batch goes to the devices. checked: the caller has already run
-  check_data on this config (train.validate does), so its source checks and warnings are not
-  repeated.
+  trainer takes off (packing.SkippedRecords) before the batch goes to the devices.
+  sources_checked: the caller has already run check_data on this config (train.validate does),
+  so its source checks and warnings are not repeated.
   """
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                      f'{process_count} processes')
   local_batch = config.batch_size // process_count
-  if not checked:
+  if not sources_checked:
     check_data(config)
   if config.data.name == 'mixture':
     return mixture_dataset(config, tok, local_batch=local_batch, process_index=process_index,
