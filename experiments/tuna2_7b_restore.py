@@ -49,7 +49,7 @@ def restore(c, runlocal: bool):
   c.data.weights.update(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)
   c.optim.update(lr=2e-5, weight_decay=0.01, warmup_steps=1_000, schedule='constant',
                  ema_decay=0.9999)
-  c.objective.update(noise_scale=2.0, mmu_noisy_prob=0.1, mmu_noisy_max=0.1)
+  c.flow.update(noise_scale=2.0, mmu_noisy_prob=0.1, mmu_noisy_max=0.1)
   c.masking.update(enabled=c.model.vision == 'patch', start_fraction=0.0, sample_prob=0.3,
                    max_ratio=0.3)
   if runlocal:  # tuna2_7b.py:runlocal's tiny widths and vocabulary on the shapes data

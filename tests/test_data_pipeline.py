@@ -17,7 +17,7 @@ from flax import nnx
 
 import fake_data
 from conftest import load_experiment, perturbed_params
-from tuna2_jax import objectives, train, train_state
+from tuna2_jax import flow, objectives, train, train_state
 from tuna2_jax.data import convert, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -152,7 +152,7 @@ def test_packed_per_sample_losses_equal_the_unpacked_ones():
   x = objectives.to_unit_range(batch['patches'])
   x_t = t[..., None] * x + (1 - t[..., None]) * e
   losses = nnx.jit(_per_token_losses, static_argnums=(5,))
-  nll, flow = map(np.asarray, losses(model, batch, x, t, x_t, config.objective.t_eps))
+  nll, flow = map(np.asarray, losses(model, batch, x, t, x_t, config.flow.t_eps))
   packed_seg = np.asarray(batch['segment_ids'][0])
   for i, s in enumerate(samples):
     n = len(s['tokens'])
@@ -171,7 +171,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
   there must equal its losses in the packed row with only its tokens counted.
   """
   config = load_experiment('shapes', 'runlocal=True')
-  config.objective.mmu_noisy_prob = 1.0  # understanding images noised too (per span)
+  config.flow.mmu_noisy_prob = 1.0  # understanding images noised too (per span)
   model = perturbed_params(train_state.build_model(config))
   rng = np.random.default_rng(3)
   samples = [_random_sample(rng, t) for t in ('t2i', 'mmu', 'edit', 'text', 't2i', 'mmu')]
@@ -186,7 +186,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
   as_batch = lambda row: {k: jnp.asarray(v[None]) for k, v in row.items()}
 
   # One t per span, independent across the spans of different samples.
-  t = np.asarray(objectives.sample_timesteps(key, as_batch(packed), config.objective))[0]
+  t = np.asarray(flow.sample_timesteps(key, as_batch(packed), config.flow))[0]
   spans = np.unique(packed['span_ids'][packed['span_ids'] > 0])
   noised = []
   for k in spans:
@@ -195,7 +195,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
     if packed['gen_mask'][idx].all():
       assert 0 < t[idx][0] < 1
     elif packed['task'][idx][0] == seq.TASK_IDS['mmu']:
-      assert 1 - config.objective.mmu_noisy_max <= t[idx][0] < 1
+      assert 1 - config.flow.mmu_noisy_max <= t[idx][0] < 1
     else:
       assert t[idx][0] == 1  # an editing source stays clean
     noised += [t[idx][0]] if t[idx][0] < 1 else []

@@ -191,7 +191,7 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.time_embed_shared = False  # True (official): one embedder for time tokens and head AdaLN
   m.patch_norm_eps = 1e-6  # the patch embedding's RMSNorm; official: float32 machine epsilon
   # 'exact': each output token is its own p x p block; 'official': token k fills the k-th strip
-  # of p*p raster pixels and training spans leave out each image's last patch (objectives.py).
+  # of p*p raster pixels and training spans leave out each image's last patch (flow.py).
   m.pixel_layout = 'exact'
   m.dtype = 'float32'  # compute dtype; parameters are stored in param_dtype
   m.param_dtype = 'float32'
@@ -201,6 +201,42 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.head = head
   m.encoder = encoder or vision_encoder(128, 2, 4, 384, 16)
   return m
+
+
+def flow(*, p_mean=-0.8, p_std=0.8, mmu_noisy_prob=0.0, mmu_noisy_max=0.1, noise_scale=1.0,
+         t_eps=0.05) -> ml_collections.ConfigDict:
+  """The flow's one config (flow.py), read by the training loss and the sampler alike.
+
+  p_mean, p_std: generated images' t = sigmoid(N(p_mean, p_std)); mmu_noisy_prob of the
+  understanding images at t = 1 - U(0, mmu_noisy_max) (the reference code: 0.1 of them);
+  noise_scale: e ~ N(0, I) * noise_scale; t_eps: v_hat's floor on 1 - t.
+  """
+  return ml_collections.ConfigDict(dict(
+      p_mean=p_mean, p_std=p_std, mmu_noisy_prob=mmu_noisy_prob, mmu_noisy_max=mmu_noisy_max,
+      noise_scale=noise_scale, t_eps=t_eps))
+
+
+# Keys that moved: {old dotted key: new one}. Old recorded configs are read with them moved
+# (config_history.read); an old key given on the command line is refused naming the new one.
+RENAMED_KEYS = {f'objective.{k}': f'flow.{k}' for k in (
+    'p_mean', 'p_std', 'mmu_noisy_prob', 'mmu_noisy_max', 'noise_scale', 't_eps')}
+
+
+def upgrade(tree: dict) -> dict:
+  """A recorded config (nested dicts, as config.json holds it) with RENAMED_KEYS moved."""
+  for old, new in RENAMED_KEYS.items():
+    *old_parents, old_leaf = old.split('.')
+    *new_parents, new_leaf = new.split('.')
+    src = tree
+    for name in old_parents:
+      src = src.get(name) if isinstance(src, dict) else None
+    if not isinstance(src, dict) or old_leaf not in src:
+      continue
+    dst = tree
+    for name in new_parents:
+      dst = dst.setdefault(name, {})
+    dst.setdefault(new_leaf, src.pop(old_leaf))
+  return tree
 
 
 def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -238,10 +274,10 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.special_tokens = ml_collections.ConfigDict(dict(bos='', eos='', pad='', boi='', eoi='',
                                                          img=''))
 
+  c.flow = flow()
   c.objective = ml_collections.ConfigDict(dict(
-      text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
-      caption_dropout=0.1,  # prompt dropped -> null prompt, for classifier-free guidance
-      mmu_noisy_prob=0.0, mmu_noisy_max=0.1))  # reference code: 0.1 of mmu images at 1-U(0,.1)
+      text_coeff=1.0, flow_coeff=1.0,
+      caption_dropout=0.1))  # prompt dropped -> null prompt, for classifier-free guidance
 
   c.masking = ml_collections.ConfigDict(dict(
       enabled=False, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5))

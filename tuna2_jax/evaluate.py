@@ -77,8 +77,7 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
       rows += [null[j] for j in _pad_to(chunk, batch_size)]
     batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length)
     x = sampling.sample_images(
-        model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
-        noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
+        model, batch, jax.random.fold_in(key, i), config.flow, steps=s.steps, sampler=s.sampler,
         cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
         cfg_interval_open=bool(s.cfg_interval_open))
     x = sharding.to_host(x)
