@@ -16,6 +16,7 @@ target span's tokens against them.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,14 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
   x = jnp.where(gen[..., None], x, clean_span)
   out = clean.at[:, start:stop].set(x)
   return jnp.clip(out, -1.0, 1.0) if clip else out
+
+
+def fixed_batches(items: Sequence, size: int):
+  """(batch, #real items) for consecutive batches of `size` items; the last is padded by
+  repeating its last item, so every batch has one shape (the samplers compile once)."""
+  for i in range(0, len(items), size):
+    chunk = list(items[i:i + size])
+    yield chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
 
 
 def _sample_token(logits_BV, key, temperature: float) -> jax.Array:

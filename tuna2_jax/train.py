@@ -42,6 +42,7 @@ from tuna2_jax import flops
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import paths
+from tuna2_jax import sample_grids
 from tuna2_jax import sharding
 from tuna2_jax import topologies
 from tuna2_jax import train_state
@@ -279,7 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not stop and (step % config.eval_every == 0 or step == config.total_steps):
       # Every process samples (the parameters are spread over all of them); process 0 writes.
       model = nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params'])
-      samples = eval_lib.write_samples(model, tok, config, workdir, step, writer=writer)
+      samples = sample_grids.write_samples(model, tok, config, workdir, step, writer=writer)
       logging.info('wrote %s', samples)
       t0 = time.perf_counter()
     if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
