@@ -1,7 +1,7 @@
 r"""Tuna-2 on real data: a weighted mixture of task streams, packed into fixed-length rows.
 
 Each stream is a JSON-lines file in the reference format, an ArrayRecord folder written by
-`python -m tuna2_jax.data.convert`, tfds:NAME[:SPLIT] (pip install "tuna2_jax[tfds]") or
+`python -m tuna2_jax.data.build_records`, tfds:NAME[:SPLIT] (pip install "tuna2_jax[tfds]") or
 'shapes' (the embedded dataset); '' leaves a stream out.
 
   python -m tuna2_jax.train --config=experiments/tuna2_data.py --workdir=gs://BUCKET/run \

@@ -18,7 +18,7 @@ from flax import nnx
 import fake_data
 from conftest import load_experiment, perturbed_params
 from tuna2_jax import flow, objectives, train, train_state
-from tuna2_jax.data import convert, packing, pipeline, records, shapes
+from tuna2_jax.data import build_records, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ def test_first_fit_packing_keeps_every_sample_whole_and_counts_faults():
 
 def _per_token_losses(model, batch, x_BTP, t_BT, x_t_BTP, t_eps):
   hidden, x_hat = model(batch, x_t_BTP, t_BT, None)
-  logits = jnp.einsum('btd,dv->btv', hidden, model.decoder.head_weight().astype(hidden.dtype))
+  logits = jnp.einsum('btd,dv->btv', hidden, model.decoder.lm_head_weight().astype(hidden.dtype))
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
       logits, batch['targets'][..., None], -1)[..., 0]
   flow = jnp.mean(jnp.square(x_hat - x_BTP), -1) / jnp.maximum(1 - t_BT, t_eps) ** 2
@@ -295,8 +295,8 @@ def test_two_processes_see_disjoint_records(tmp_path, tok, kind):
   path = fake_data.write_jsonl(str(tmp_path / 'docs.jsonl'), [{'text': d} for d in docs])
   if kind == 'array_record':
     path = str(tmp_path / 'docs_ar')
-    convert.convert(str(tmp_path / 'docs.jsonl'), 'text', path, num_shards=3, workers=0,
-                    log=lambda m: None)
+    build_records.convert(str(tmp_path / 'docs.jsonl'), 'text', path, num_shards=3, workers=0,
+                          log=lambda m: None)
   seen = []
   for index in range(2):
     c = _config(text=path)
@@ -340,7 +340,7 @@ def test_skipped_records_are_logged_with_their_location_rate_limited(tmp_path, t
   # ArrayRecord records are named by folder and index, with the line they were converted from.
   corpus = fake_data.write_corpus(str(tmp_path / 'corpus'))
   folder = str(tmp_path / 't2i_ar')
-  convert.convert(corpus['t2i'], 't2i', folder, workers=0, log=lambda m: None)
+  build_records.convert(corpus['t2i'], 't2i', folder, workers=0, log=lambda m: None)
   caplog.clear()
   ds = pipeline.stream_dataset(_config(t2i=folder), 't2i', folder, tok)
   assert sum(packing.FAULT_KEY in ds[i] for i in range(9)) == 1  # the caption too long to fit

@@ -245,7 +245,7 @@ class _Identity(nnx.Module):
   """x_hat = x_t: a loss of |x_t - x|^2 / (1 - t)^2 and a sampler that never moves its noise."""
 
   class decoder:  # noqa: N801  (what compute_loss reads of a model)
-    head_weight = staticmethod(lambda: jnp.zeros((4, 8), jnp.float32))
+    lm_head_weight = staticmethod(lambda: jnp.zeros((4, 8), jnp.float32))
 
   def __call__(self, batch, x_BTP, t_BT, drop_BT=None):
     return jnp.zeros(x_BTP.shape[:2] + (4,), jnp.float32), x_BTP

@@ -110,7 +110,7 @@ def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDic
     drop_BT = sample_patch_drop(k_mask, batch, config.masking,
                                 masking_active(step, config.total_steps, config.masking))
   hidden_BTD, x_hat_BTP = model(batch, x_t_BTP, t_BT, drop_BT)
-  text, n_text = text_loss(hidden_BTD, model.decoder.head_weight(), batch['targets'],
+  text, n_text = text_loss(hidden_BTD, model.decoder.lm_head_weight(), batch['targets'],
                            batch['loss_mask'])
   target_BT = batch['gen_mask'] & batch['is_patch']
   m = config.model
