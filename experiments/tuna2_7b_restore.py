@@ -60,8 +60,8 @@ def restore(c, runlocal: bool):
   return c
 
 
-def get_config(arg: str | None = None, vision: str = 'patch'):
-  args = config_lib.parse_arg(arg, runlocal=False)
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, runlocal=False, vision='patch')
   if args.runlocal:
-    return restore(tuna2_7b.get_config('runlocal=True', vision=vision), runlocal=True)
-  return restore(tuna2_data.get_config(f'vision={vision}'), runlocal=False)
+    return restore(tuna2_7b.get_config(f'runlocal=True,vision={args.vision}'), runlocal=True)
+  return restore(tuna2_data.get_config(f'vision={args.vision}'), runlocal=False)

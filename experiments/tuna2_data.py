@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.data.image_size = 64  # the shapes streams' image side
     buckets = BUCKETS['64']
   else:
-    c = tuna2_7b.get_config(None, vision=args.vision)
+    c = tuna2_7b.get_config(f'vision={args.vision}')
     if args.buckets not in ('512', '1024'):
       raise ValueError(f'buckets={args.buckets!r}: expected 512 or 1024')
     buckets = BUCKETS[args.buckets]

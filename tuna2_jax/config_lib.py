@@ -79,6 +79,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def with_arg(arg: str | None, **fixed) -> str:
+  """The arg string `arg` with `fixed` keys set: how a config that is another one with a key
+  pinned (Tuna-R's vision=encoder) passes it on. Raises ValueError when arg sets one of them
+  otherwise."""
+  items = [item for item in (arg or '').split(',') if item]
+  for item in items:
+    key, _, value = item.partition('=')
+    if key in fixed and value != str(fixed[key]):
+      raise ValueError(f'config arg {item!r}: this config fixes {key}={fixed[key]}')
+  items = [item for item in items if item.partition('=')[0] not in fixed]
+  return ','.join(items + [f'{k}={v}' for k, v in fixed.items()])
+
+
 def decoder(num_layers, width, num_heads, num_kv_heads, head_dim, mlp_dim, *, rope_theta=1e6,
             norm_eps=1e-6, qkv_bias=True, tie_embeddings=False) -> ml_collections.ConfigDict:
   """A Qwen2-style decoder."""
