@@ -7,7 +7,6 @@ a config, never in model code.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -23,34 +22,6 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def tokenizer_path(config: ml_collections.ConfigDict) -> str:
-  """The tokenizer a run uses: data.tokenizer when set; else, when the decoder starts from
-  pretrained weights (init.decoder_from), that folder if it holds a tokenizer.json (a Hugging Face
-  folder, or `convert.qwen2`'s output, which copies it); else, for a run that starts from a
-  previous stage (init_from), the tokenizer that stage used; else '' (the shipped shapes model).
-
-  Raises ValueError for init.decoder_from without a tokenizer.json and no data.tokenizer: the
-  shipped 128-piece model would feed the pretrained decoder ids it was never trained on.
-  """
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  source = (config.get('init') or {}).get('decoder_from')
-  if source:
-    from etils import epath
-    from tuna2_jax.data.tokenizer import HF_TOKENIZER_FILE
-    if (epath.Path(source) / HF_TOKENIZER_FILE).exists():
-      return source
-    raise ValueError(f'init.decoder_from={source!r} has no {HF_TOKENIZER_FILE} and '
-                     'data.tokenizer is empty: set --config.data.tokenizer to the pretrained '
-                     'model\'s tokenizer (its Hugging Face folder or tokenizer.json)')
-  if config.get('init_from'):
-    from tuna2_jax import checkpoint
-    previous = checkpoint.read_config(config.init_from)
-    if previous is not None:
-      return tokenizer_path(ml_collections.ConfigDict(json.loads(previous)))
-  return ''
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -279,7 +250,7 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Stream weights; generation (t2i + edit) : understanding (mmu) = 7 : 3 as in the paper.
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
-  c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
+  c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (data/tokenizer.py)
   # Held-out splits of the task streams, for the held-out loss (heldout.py; mixture data only).
   c.data.eval = ml_collections.ConfigDict(dict(t2i='', mmu='', edit='', text=''))
   # Tokens of the sequence format's roles ('' = the tokenizer's own, else appended ones);
