@@ -20,8 +20,8 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from tuna2_jax import flow
