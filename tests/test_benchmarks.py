@@ -40,7 +40,8 @@ def test_gpu_suite_smoke_runs_every_step_and_writes_one_json(tmp_path):
   steps, the train step with command buffers off, sampling; one JSON and one table."""
   out = tmp_path / 'suite.json'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHON=sys.executable)
+  # One CPU device (not the session's eight fake ones): one row per train step, as on one GPU.
+  env = dict(os.environ, PYTHON=sys.executable, XLA_FLAGS='')
   run = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu_suite.sh'), '--smoke',
                         '--out', str(out)], capture_output=True, text=True, env=env, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
