@@ -91,3 +91,37 @@ def test_skipped_records_are_taken_off_the_batch_and_continue_across_a_resume():
                           resumed={'train_flops': 1.0})
   old.add(_batch(2, {bad: 1}))
   assert old.checkpoint_figures()[bad] == 1.0
+
+
+def test_microbatches_accumulate_the_mean_gradient():
+  """Gradient accumulation gives the mean of the microbatches' gradients and losses, which for
+  a mean-over-rows loss is the full batch's; counts (*_tokens) add up."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  params = {'w': jnp.asarray([0.5, -1.0, 2.0])}
+
+  def loss_fn(p, batch, key, step):
+    del key, step
+    err = batch['x'] @ p['w'] - 1.0
+    loss = jnp.mean(err ** 2)
+    return loss, {'loss': loss, 'row_tokens': jnp.float32(batch['x'].shape[0])}
+
+  tx = optax.sgd(0.1)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params)}
+  lr = lambda step: 0.1
+  out = {}
+  for n in (1, 2, 4):
+    new, aux = jax.jit(trainer.make_step(loss_fn, tx, lr, microbatches=n))(
+        state, {'x': x}, jax.random.key(0))
+    out[n] = (np.asarray(new['params']['w']), float(aux['loss']), float(aux['row_tokens']))
+  for n in (2, 4):
+    np.testing.assert_allclose(out[n][0], out[1][0], rtol=1e-6)
+    np.testing.assert_allclose(out[n][1], out[1][1], rtol=1e-6)
+    assert out[n][2] == 8.0
+  # Microbatch j holds rows j, j + n, ...: an even split of each device's block of rows.
+  np.testing.assert_array_equal(trainer.microbatch_split(jnp.arange(8), 2), [[0, 2, 4, 6],
+                                                                             [1, 3, 5, 7]])

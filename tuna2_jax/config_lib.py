@@ -269,6 +269,9 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
       warmup_steps=1000, schedule='cosine', min_lr_ratio=0.1, ema_decay=0.9999,
+      # Gradient accumulation: each step's rows run in this many microbatches, one at a time
+      # (trainer.accumulate), for the same batch in less activation memory.
+      microbatches=1,
       trainable=''))  # regex over parameter paths; '' trains everything
 
   c.sampling = ml_collections.ConfigDict(dict(

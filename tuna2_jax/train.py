@@ -108,7 +108,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
   return trainer.make_step(tuna_loss(config, graphdef), tx,
                            train_state.learning_rate(config.optim, config.total_steps),
                            ema_decay=config.optim.ema_decay, mesh=mesh,
-                           rules=config.sharding_rules)
+                           rules=config.sharding_rules,
+                           microbatches=config.optim.get('microbatches', 1))
 
 
 def setup(config: ml_collections.ConfigDict, mesh):
@@ -118,7 +119,8 @@ def setup(config: ml_collections.ConfigDict, mesh):
   mesh, a rule naming an unknown mesh axis, a mesh axis that does not divide the dimension it
   splits, or too many parameter bytes left whole under an fsdp mesh.
   """
-  trainer.check_batch(config.batch_size, mesh, config.sharding_rules)
+  trainer.check_batch(config.batch_size, mesh, config.sharding_rules,
+                      config.optim.get('microbatches', 1))
   graphdef, _ = train_state.abstract_model(config)
   abstract, shardings = train_state.state_shardings(config, mesh)
   sharding.check_replication(abstract['params'], shardings['params'], mesh,

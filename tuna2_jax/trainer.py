@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -39,19 +40,23 @@ LossFn = Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
               learning_rate: optax.Schedule, *, ema_decay: float | None = None, mesh=None,
-              rules=()) -> Callable:
+              rules=(), microbatches: int = 1) -> Callable:
   """(state, batch, key) -> (state, aux): one optimizer step, then the EMA update (ema_decay).
 
   aux is the loss's metrics plus grad_norm and the step's lr. With a mesh, the model's
   activation constraints (sharding.constrain) follow the rules table while the step is traced.
+  microbatches > 1: gradient accumulation (`accumulate`), one optimizer step per batch.
   """
 
   def step_fn(state, batch, key):
     with sharding.activation_sharding(mesh, rules):
       key = jax.random.fold_in(key, state['step'])
-      (_, aux), grads = jax.value_and_grad(
-          lambda params: loss_fn(params, batch, key, state['step']), has_aux=True)(
-              state['params'])
+      loss_of = lambda params, rows, k: loss_fn(params, rows, k, state['step'])
+      if microbatches == 1:
+        (_, aux), grads = jax.value_and_grad(
+            lambda params: loss_of(params, batch, key), has_aux=True)(state['params'])
+      else:
+        grads, aux = accumulate(loss_of, state['params'], batch, key, microbatches)
       updates, opt = tx.update(grads, state['opt'], state['params'])
       params = optax.apply_updates(state['params'], updates)
       new = {'step': state['step'] + 1, 'params': params, 'opt': opt}
@@ -65,12 +70,51 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   return step_fn
 
 
-def check_batch(batch_size: int, mesh, rules) -> None:
-  """Raises unless the global batch splits evenly over the mesh's batch shards."""
+def microbatch_split(x_B, n: int):
+  """[B, ...] -> [n, B / n, ...]: microbatch j holds rows j, j + n, j + 2n, ...
+
+  Each device holds a contiguous block of rows; when its rows split by n, every microbatch
+  takes the same number of them, so the split moves no data between devices.
+  """
+  return x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:]).swapaxes(0, 1)
+
+
+def accumulate(loss_of: Callable, params, batch: dict, key, n: int) -> tuple[Any, dict]:
+  """(gradients, aux) of the mean of the n microbatches' losses, one microbatch at a time.
+
+  Only one microbatch's activations are alive at once (a lax.scan), which is what it is for:
+  the same rows in less memory. Each microbatch draws its randomness from key folded with its
+  index, and its loss is its own mean (over its own text and flow targets), so the result is
+  the full batch's only up to the split of the targets between microbatches. aux: metrics
+  averaged; those named *_tokens (counts) summed.
+  """
+  micro = jax.tree.map(lambda x: microbatch_split(x, n), batch)
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+  def body(carry, xs):
+    rows, i = xs
+    (_, aux), grads = grad_fn(params, rows, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  aux_shape = jax.eval_shape(lambda: grad_fn(params, first, key)[0][1])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (params, aux_shape))
+  (grads, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+  grads = jax.tree.map(lambda g: g / n, grads)
+  aux = {k: v if k.endswith('_tokens') else v / n for k, v in aux.items()}
+  return grads, aux
+
+
+def check_batch(batch_size: int, mesh, rules, microbatches: int = 1) -> None:
+  """Raises unless the global batch splits evenly over the mesh's batch shards (and each
+  shard's rows over the microbatches)."""
   shards = sharding.batch_shards(mesh, rules)
-  if batch_size % shards:
+  if microbatches < 1:
+    raise ValueError(f'optim.microbatches={microbatches}: expected at least 1')
+  if batch_size % (shards * microbatches):
     raise ValueError(f'batch_size={batch_size} is not divisible by the {shards} '
-                     f'batch shards of the mesh {dict(mesh.shape)}')
+                     f'batch shards of the mesh {dict(mesh.shape)}' +
+                     (f' times optim.microbatches={microbatches}' if microbatches > 1 else ''))
 
 
 def jit_step(step_fn: Callable, shardings, mesh, rules) -> Callable:
