@@ -157,7 +157,7 @@ def test_same_rules_shard_params_optimizer_and_ema():
 def test_dry_run_of_the_7b_config_on_8_devices_allocates_nothing(capsys):
   config = load_experiment('tuna2_7b')
   config.mesh.update(data=1, fsdp=8, tensor=1)
-  config.batch_size = 8
+  config.batch_size = 16  # 2 rows per device: the config's 2 microbatches of one row each
   config.seq_len = 1024
   # Scanned layers compile like one; two of each keeps the CPU compile short.
   config.model.decoder.num_layers = 2
