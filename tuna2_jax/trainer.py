@@ -97,7 +97,7 @@ def accumulate(loss_of: Callable, params, batch: dict, key, n: int) -> tuple[Any
     return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  aux_shape = jax.eval_shape(lambda: grad_fn(params, first, key)[0][1])
+  aux_shape = jax.eval_shape(loss_of, params, first, key)[1]  # the forward's trace suffices
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (params, aux_shape))
   (grads, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
   grads = jax.tree.map(lambda g: g / n, grads)
