@@ -99,3 +99,18 @@ def test_runlocal_step_compiles_for_an_h100_node_with_omni_flash():
   assert report['platform'] == 'gpu' and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
   assert report['kernel_calls'] > 0  # auto chose omni_flash for the GPU mesh, through Triton
   assert report['fits'] and 0 < report['temp_bytes'] < report['peak_bytes']
+
+
+def test_bf16_runlocal_step_compiles_for_one_h100_with_omni_hopper():
+  """bfloat16 and head_dim 64: auto picks the Mosaic GPU kernels for the H100 target (not the
+  interpreter the CPU host would run), and they lower for sm90."""
+  pytest.importorskip('jax_plugins.xla_cuda12',
+                      reason="jax's CUDA plugin is not installed (the gpu-aot extra)")
+  topology = topologies.get('h100-1')
+  config = _tiny(batch_size=1)
+  config.model.dtype = 'bfloat16'
+  config.model.decoder.head_dim = 64
+  config.model.head.update(head_dim=64, rope_split=(16, 24, 24))
+  report = train.dry_run(config, topologies.devices(topology), topology)
+  assert report['devices'] == 1 and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  assert report['kernel_calls'] > 0 and report['fits']

@@ -36,8 +36,9 @@ GIB = 1024 ** 3
 # The rows the analytic FLOPs count: text->image samples, each an image of data.image_size
 # with a caption of this many tokens, packed while they fit (the flow objective's usual row).
 FLOPS_CAPTION_TOKENS = 64
-# How the lowered program names Pallas kernels (splash through Mosaic, omni_flash through Triton).
-KERNEL_CALLS = ('tpu_custom_call', '__gpu$xla.gpu.triton')
+# How the lowered program names Pallas kernels: splash through Mosaic (TPU), omni_hopper through
+# Mosaic GPU, omni_flash through Triton.
+KERNEL_CALLS = ('tpu_custom_call', 'mosaic_gpu_v2', '__gpu$xla.gpu.triton')
 
 
 class DoesNotFit(RuntimeError):
@@ -144,7 +145,8 @@ def format_report(report: dict) -> str:
   target = report.get('topology') or report['platform']
   lines = [f"{target}: {report['devices']} x {report['device_kind']}, mesh {report['mesh']}; "
            f"lowered in {report['lower_s']:.1f}s, compiled in {report['compile_s']:.1f}s "
-           f"({report['kernel_calls']} Pallas kernel calls: Mosaic on TPU, Triton on GPU)",
+           f"({report['kernel_calls']} Pallas kernel calls: Mosaic on TPU, Mosaic GPU or Triton "
+           'on GPU)',
            'per device:']
   for name, label in (('params', 'parameters'), ('opt', 'optimizer state'), ('ema', 'EMA'),
                       ('batch', 'batch'), ('argument', 'arguments (all of the above)'),

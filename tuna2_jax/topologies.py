@@ -1,6 +1,6 @@
 """Compile targets by name: TPU slices (v5p-128, v6e-256, ...) and GPU nodes (h100-8), with
 their shape, device kind and memory, for compiling a train step ahead of time from a host that
-has none of them (dry_run.py).
+has none of them (dry_run.py). GPU: h100-1 (one GPU) and h100-8 (a node).
 
 TPU: libtpu (`pip install -e '.[tpu-aot]'`) describes the devices of a slice that is not there
 (jax.experimental.topologies.get_topology_desc); XLA's TPU compiler then partitions, fuses and
@@ -69,7 +69,9 @@ def _gpu_target_config(info: dict, compute_capability: tuple[int, int], name: st
           f'device_description_str: "{name}"\n')
 
 
-_GPU_TARGET_CONFIGS = {'h100-8': _gpu_target_config(_H100_DEVICE_INFO, (9, 0), _H100_NAME)}
+_H100_CONFIG = _gpu_target_config(_H100_DEVICE_INFO, (9, 0), _H100_NAME)
+# One GPU (h100-1: what the one-GPU benchmarks measure) or a node of 8.
+_GPU_TARGET_CONFIGS = {f'h100-{n}': _H100_CONFIG for n in (1, GPUS_PER_NODE)}
 
 
 def _chips(shape: tuple[int, ...]) -> str:
@@ -92,9 +94,10 @@ def _table() -> dict[str, Topology]:
       wrap = tuple(n == 16 for n in shape) + (False,)
       out[f'{gen}-{chips}'] = Topology(f'{gen}-{chips}', f'{gen}:{_chips(shape)}', 'default',
                                        per_host, wrap, kind, hbm)
-  out['h100-8'] = Topology('h100-8', f'h100:{GPUS_PER_NODE}', 'default', (1, 1, 1),
-                           (False,) * 3, _H100_NAME, _H100_DEVICE_INFO['device_memory_size'],
-                           platform='gpu')
+  for name in _GPU_TARGET_CONFIGS:
+    out[name] = Topology(name, f'h100:{name.split("-")[1]}', 'default', (1, 1, 1),
+                         (False,) * 3, _H100_NAME, _H100_DEVICE_INFO['device_memory_size'],
+                         platform='gpu')
   return out
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tuna2_jax import sharding
 from tuna2_jax.kernels.omni_flash import check_self_attention
 from tuna2_jax.layout import MaskInfo, key_bounds_BT
 
@@ -389,7 +390,9 @@ def omni_hopper_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
   T is padded up to a multiple of the block internally; padded tokens see no keys.
-  interpret defaults to True off GPU (Mosaic GPU interpret mode, for tests on CPU).
+  interpret defaults to True unless the step targets a GPU (the platform of the step's mesh,
+  sharding.target_platform: a step compiled for H100s from a CPU host lowers for sm90), Mosaic
+  GPU interpret mode, for tests on CPU.
   """
   check_self_attention(q_BTHK, k_BTGK, 'omni hopper')
   why = problem(dtype=q_BTHK.dtype, head_dim=q_BTHK.shape[-1])
@@ -397,7 +400,7 @@ def omni_hopper_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
     raise ValueError(why)
   t = q_BTHK.shape[1]
   if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
+    interpret = sharding.target_platform() != 'gpu'
   lo, hi = key_bounds_BT(info, kind)
   pad = (-t) % BLOCK
   if pad:
