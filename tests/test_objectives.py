@@ -115,7 +115,8 @@ def _spans(batch):
 
 def test_sample_timesteps_clean_spans_and_one_t_per_span():
   batch = _span_rows(8)
-  t = np.asarray(flow.sample_timesteps(jax.random.key(0), layout.Batch.from_rows(batch), config_lib.flow()))
+  t = np.asarray(flow.sample_timesteps(jax.random.key(0), layout.Batch.from_rows(batch),
+                                       config_lib.flow()))
   for (r, _), idx in _spans(batch).items():
     assert np.all(t[r, idx] == t[r, idx[0]])  # the time token and all patches share one t
     if batch['gen_mask'][r, idx[0]]:
@@ -184,8 +185,8 @@ def _drop_rows(rows: int) -> dict:
 
 def test_patch_drop_only_hits_patches_of_whole_chosen_samples():
   batch = _drop_rows(400)  # 800 samples, 1600 images
-  drop = np.asarray(objectives.sample_patch_drop(jax.random.key(4), layout.Batch.from_rows(batch), _masking(),
-                                                 True))
+  drop = np.asarray(objectives.sample_patch_drop(jax.random.key(4), layout.Batch.from_rows(batch),
+                                                 _masking(), True))
   assert not drop[~batch['is_patch']].any()
   seg, span = batch['segment_ids'], batch['span_ids']
   per_sample = [drop[r, seg[r] == s] for r in range(400) for s in (1, 2)]
@@ -203,8 +204,8 @@ def test_patch_drop_only_hits_patches_of_whole_chosen_samples():
 
 def test_patch_drop_off_when_inactive():
   batch = _drop_rows(20)
-  drop = objectives.sample_patch_drop(jax.random.key(5), layout.Batch.from_rows(batch), _masking(sample_prob=1.0),
-                                      False)
+  drop = objectives.sample_patch_drop(jax.random.key(5), layout.Batch.from_rows(batch),
+                                      _masking(sample_prob=1.0), False)
   assert not np.asarray(drop).any()
   cfg = _masking(start_fraction=0.5)
   assert not bool(objectives.masking_active(49, 100, cfg))
@@ -258,8 +259,9 @@ def test_loss_and_sampler_read_the_same_flow_config():
   """config.flow.noise_scale scales the loss's noise and the sampler's starting noise alike."""
   config = load_experiment('shapes', 'runlocal=True')
   batch = layout.Batch.from_rows(_span_rows(2))
-  gen = layout.Batch.from_rows({k: np.zeros((2, 3, *layout.trailing_shape(k, 2)), layout.SCHEMA[k].dtype)
-                                for k in layout.FIELDS}).replace(
+  gen = layout.Batch.from_rows({
+      k: np.zeros((2, 3, *layout.trailing_shape(k, 2)), layout.SCHEMA[k].dtype)
+      for k in layout.FIELDS}).replace(
       patches_BTP=np.full((2, 3, 12), 127, np.uint8), gen_mask_BT=np.ones((2, 3), bool))
   out = {}
   for scale in (0.1, 0.2):

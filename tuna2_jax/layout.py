@@ -6,8 +6,9 @@ pipeline's host and storage format; the model side (models/, objectives, flow, s
 heldout, flops) takes a `Batch`, the same arrays as typed fields named with their shapes
 (`tokens_BT`, `patches_BTP`, ...). The training data become a Batch at one place,
 `sharding.global_batch`, which assembles a step's device batch from each process's host dict;
-code that builds rows itself (sampling's prompts, the held-out batches, tests) wraps them with
-`Batch.from_rows`.
+code that builds rows itself (generate and understand's prompts, the held-out batches off a
+mesh, the benchmarks, tests) wraps them with `Batch.from_rows`, and so does trainer.StepStats for
+the host-side FLOP count (flops.py) of the same dict.
 
 Rows keep every packed sample (segment) and every image span contiguous, with positions rising
 along the slots; padding has segment 0 and sits after the samples (packed training rows) or

@@ -5,12 +5,12 @@ holds the sampler around them: the time grid, Heun on all steps but the last, CF
 interval, the prompt cache.
 
 Both loops are single compiled programs (lax.fori_loop inside jit). Image rows are built by the
-caller with data/tasks.py prompts and stacked left-padded (data/sequence.py), so every row's
-image span sits at the same slots; with CFG the batch holds the conditional rows followed by
-as many unconditional (null-prompt) rows, run together as one batch. The prompt (text, and an
-editing source image) is clean and precedes the target, so its keys and values in the decoder
-and the flow head are computed once (the prompt cache) and each flow step runs only the
-target span's tokens against them.
+caller with data/tasks.py prompts, stacked left-padded (data/sequence.py) into a layout.Batch, so
+every row's image span sits at the same slots; with CFG the batch holds the conditional rows
+followed by as many unconditional (null-prompt) rows, run together as one batch. The prompt (text,
+and an editing source image) is clean and precedes the target, so its keys and values in the decoder
+and the flow head are computed once (the prompt cache) and each flow step runs only the target
+span's tokens against them.
 """
 
 from __future__ import annotations

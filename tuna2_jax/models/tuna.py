@@ -136,8 +136,8 @@ class Tuna(nnx.Module):
     _, head_cache = self.run_head(hidden_BTD, ones_BT, pre, pre_info, kv_info, head_cache)
     return {'decoder': dec_cache, 'head': head_cache}
 
-  def extend(self, batch: layout.Batch, x_BSP: jax.Array, t_BS: jax.Array, caches: dict, start: int,
-             stop: int) -> jax.Array:
+  def extend(self, batch: layout.Batch, x_BSP: jax.Array, t_BS: jax.Array, caches: dict,
+             start: int, stop: int) -> jax.Array:
     """x_hat [B, S, p*p*3] at slots [start, stop) on top of `prefill`'s caches of [0, start)."""
     suffix = layout.take_slots(batch, start, stop)
     q_info = layout.row_info(suffix)
