@@ -127,9 +127,9 @@ def main(argv=None) -> list[dict]:
   for t in map(int, args.seq_lens.split(',')):
     if baseline is None:
       config.data.image_size = min(config.data.image_size, 64)
-    layout = packed_batch(config, batch_size=1, seq_len=t, seed=t)
-    info = jax.tree.map(jnp.asarray, row_info(layout))
-    omni_pairs = float(attended_keys_BT(layout['segment_ids'], layout['span_ids']).sum())
+    batch = packed_batch(config, batch_size=1, seq_len=t, seed=t)
+    info = jax.tree.map(jnp.asarray, row_info(batch))
+    omni_pairs = float(attended_keys_BT(batch.segment_ids_BT, batch.span_ids_BT).sum())
     causal_pairs = t * (t + 1) / 2
     kq, kk, kv = jax.random.split(jax.random.key(t), 3)
     q = jax.random.normal(kq, (1, t, h, d), jnp.bfloat16)
@@ -152,7 +152,7 @@ def main(argv=None) -> list[dict]:
           q, k, v, text, block=block_q))
     else:
       causal = None
-    image_share = float(layout['span_ids'].astype(bool).mean())
+    image_share = float(batch.span_ids_BT.astype(bool).mean())
     if t <= args.check_max_len:
       check = check_against_dense(omni[2], q, k, v, info)
       print(f'{t:>6} check vs dense: output max error {check["out_err"]:.1e}, grads max relative '

@@ -32,8 +32,8 @@ def _sample(rng, task: str, image_size: int, p: int, vocab: int) -> dict:
 
 
 def packed_batch(config: ml_collections.ConfigDict, *, batch_size: int | None = None,
-                 seq_len: int | None = None, seed: int = 0) -> dict:
-  """A host batch {field: [B, T, ...]} drawn from config.data.weights."""
+                 seq_len: int | None = None, seed: int = 0) -> layout.Batch:
+  """A host batch (numpy fields [B, T, ...]) drawn from config.data.weights."""
   rng = np.random.default_rng(seed)
   b, t = batch_size or config.batch_size, seq_len or config.seq_len
   p, size = config.model.patch_size, config.data.image_size
@@ -51,7 +51,7 @@ def packed_batch(config: ml_collections.ConfigDict, *, batch_size: int | None = 
       samples.append(s)
       used += len(s['tokens'])
     rows.append(seq.pack(samples, t, patch_size=p, pad_id=PAD_ID))
-  return {k: np.stack([r[k] for r in rows]) for k in layout.FIELDS}
+  return layout.Batch.from_rows({k: np.stack([r[k] for r in rows]) for k in layout.FIELDS})
 
 
 def device_line() -> str:

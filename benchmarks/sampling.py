@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.packed_batch import IMG_ID, PAD_ID, device_line  # noqa: E402
-from tuna2_jax import config_lib, sampling, train_state  # noqa: E402
+from tuna2_jax import config_lib, layout, sampling, train_state  # noqa: E402
 from tuna2_jax.data import sequence as seq  # noqa: E402
 
 
@@ -32,21 +32,22 @@ def _ids(rng, n, vocab):
   return seq.Text(rng.integers(16, min(vocab, 30000), n))
 
 
-def generation_batch(rng, rows: int, prompt_tokens: int, size: int, p: int, vocab: int) -> dict:
+def generation_batch(rng, rows: int, prompt_tokens: int, size: int, p: int,
+                     vocab: int) -> layout.Batch:
   """rows conditional prompts then rows null prompts, left-padded to a shared target span."""
   blank = np.zeros((size, size, 3), np.uint8)
   cond = [seq.assemble([_ids(rng, prompt_tokens, vocab), seq.Image(blank, generate=True)], 't2i',
                        img_id=IMG_ID, patch_size=p) for _ in range(rows)]
   null = [seq.assemble([_ids(rng, 3, vocab), seq.Image(blank, generate=True)], 't2i',
                        img_id=IMG_ID, patch_size=p) for _ in range(rows)]
-  return seq.stack_left_padded(cond + null, patch_size=p, pad_id=PAD_ID)
+  return layout.Batch.from_rows(seq.stack_left_padded(cond + null, patch_size=p, pad_id=PAD_ID))
 
 
-def understanding_batch(rng, rows: int, size: int, p: int, vocab: int) -> dict:
+def understanding_batch(rng, rows: int, size: int, p: int, vocab: int) -> layout.Batch:
   image = lambda: seq.Image(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
   samples = [seq.assemble([_ids(rng, 2, vocab), image(), _ids(rng, 24, vocab)], 'mmu',
                           img_id=IMG_ID, patch_size=p) for _ in range(rows)]
-  return seq.stack_left_padded(samples, patch_size=p, pad_id=PAD_ID)
+  return layout.Batch.from_rows(seq.stack_left_padded(samples, patch_size=p, pad_id=PAD_ID))
 
 
 def timed(fn, repeats: int) -> float:
@@ -93,7 +94,7 @@ def main(argv=None) -> dict:
     dt = timed(lambda: sampling.decode_text(model, batch, jax.random.key(0),
                                             max_new_tokens=args.new_tokens, eos_id=-1,
                                             pad_id=PAD_ID), args.repeats)
-    prompt = batch['tokens'].shape[1]
+    prompt = batch.tokens_BT.shape[1]
     out[f'decode_b{b}'] = b * args.new_tokens / dt
     print(f'understanding batch {b:>3}: {b * args.new_tokens / dt:10.1f} tokens/s '
           f'({args.new_tokens} new tokens after a {prompt}-token prompt, prefill included)')

@@ -66,8 +66,8 @@ def main(argv=None) -> dict:
   _, _, _, step_fn = train.setup(config, mesh)
   state = train_state.create_sharded_state(config, mesh)
   host = packed_batch(config)
-  batch = sharding.global_batch(host, mesh, config.sharding_rules)
-  tokens = int((host['segment_ids'] > 0).sum())
+  batch = sharding.global_arrays(host, mesh, config.sharding_rules)
+  tokens = int((host.segment_ids_BT > 0).sum())
   step_flops = flops.train_step_flops(config.model, host)
   hw_flops = flops.hardware_step_flops(config.model, host)
 

@@ -59,7 +59,7 @@ def _brute_force_mask(segment_ids, span_ids, kind: str) -> np.ndarray:
 @pytest.mark.parametrize('kind', layout.KINDS)
 def test_omni_mask_matches_brute_force_on_packed_rows(seed, kind):
   batch = _random_rows(seed)
-  info = layout.row_info(batch)
+  info = layout.row_info(layout.Batch.from_rows(batch))
   got = np.asarray(layout.omni_mask_BTS(info, info, kind))
   want = _brute_force_mask(batch['segment_ids'], batch['span_ids'], kind)
   np.testing.assert_array_equal(got, want)
@@ -73,7 +73,7 @@ def test_omni_mask_on_left_padded_rows():
   samples = [_random_sample(rng, 2) for _ in range(4)]
   batch = seq.stack_left_padded(samples, patch_size=2, pad_id=PAD_ID)
   assert (batch['segment_ids'][:, 0] == 0).any()  # at least one row really is left-padded
-  info = layout.row_info(batch)
+  info = layout.row_info(layout.Batch.from_rows(batch))
   for kind in layout.KINDS:
     np.testing.assert_array_equal(np.asarray(layout.omni_mask_BTS(info, info, kind)),
                                   _brute_force_mask(batch['segment_ids'], batch['span_ids'], kind))
@@ -156,10 +156,10 @@ def packed_model(request):
 
   @nnx.jit
   def forward(model, batch):
-    return model(batch, objectives.to_unit_range(batch['patches']), t)
+    return model(batch, objectives.to_unit_range(batch.patches_BTP), t)
 
   def run(b):
-    hidden, x_hat = forward(model, b)
+    hidden, x_hat = forward(model, layout.Batch.from_rows(b))
     return np.asarray(hidden)[0], np.asarray(x_hat)[0]
 
   return run, batch

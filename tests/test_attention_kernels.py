@@ -14,8 +14,8 @@ from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash
 from tuna2_jax.models import attention as attn_lib
 
 
-def _info(rows) -> layout.MaskInfo:
-  return jax.tree.map(jnp.asarray, layout.row_info(rows))
+def _info(rows: dict) -> layout.MaskInfo:
+  return jax.tree.map(jnp.asarray, layout.row_info(layout.Batch.from_rows(rows)))
 
 
 @pytest.mark.parametrize('seed', range(3))
@@ -338,7 +338,8 @@ def test_the_model_under_a_blockwise_kernel_matches_dense(impl):
     live = batch['segment_ids'] != 0
 
     def loss(model):
-      hidden, x_hat = model(batch, objectives.to_unit_range(batch['patches']), t)
+      hidden, x_hat = model(layout.Batch.from_rows(batch),
+                            objectives.to_unit_range(batch['patches']), t)
       weights = np.linspace(-1, 1, hidden.shape[-1], dtype=np.float32)
       return jnp.sum((hidden * weights).sum(-1) * live) + jnp.sum(x_hat.sum(-1) * live), (
           hidden, x_hat)

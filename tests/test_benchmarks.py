@@ -17,9 +17,9 @@ from tuna2_jax import flops
 def test_packed_batch_has_the_training_layout():
   config = load_experiment('tuna2_1_5b', 'runlocal=True')
   batch = packed_batch.packed_batch(config, batch_size=2, seq_len=256)
-  assert batch['tokens'].shape == (2, 256)
-  assert (batch['segment_ids'] > 0).mean() > 0.5  # rows are filled, not mostly padding
-  assert batch['gen_mask'].any() and (batch['loss_mask'] > 0).any()  # both objectives present
+  assert batch.tokens_BT.shape == (2, 256)
+  assert (batch.segment_ids_BT > 0).mean() > 0.5  # rows are filled, not mostly padding
+  assert batch.gen_mask_BT.any() and (batch.loss_mask_BT > 0).any()  # both objectives present
   assert flops.train_step_flops(config.model, batch) > 0
 
 

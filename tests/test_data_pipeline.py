@@ -21,7 +21,7 @@ from tuna2_jax import flow, objectives, train, train_state
 from tuna2_jax.data import build_records, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
-from tuna2_jax.layout import FIELDS, TASK_IDS
+from tuna2_jax.layout import FIELDS, TASK_IDS, Batch
 
 P = 16
 
@@ -117,9 +117,9 @@ def _per_token_losses(model, batch, x_BTP, t_BT, x_t_BTP, t_eps):
   hidden, x_hat = model(batch, x_t_BTP, t_BT, None)
   logits = jnp.einsum('btd,dv->btv', hidden, model.decoder.lm_head_weight().astype(hidden.dtype))
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-      logits, batch['targets'][..., None], -1)[..., 0]
+      logits, batch.targets_BT[..., None], -1)[..., 0]
   flow = jnp.mean(jnp.square(x_hat - x_BTP), -1) / jnp.maximum(1 - t_BT, t_eps) ** 2
-  return nll * batch['loss_mask'], flow * (batch['gen_mask'] & batch['is_patch'])
+  return nll * batch.loss_mask_BT, flow * (batch.gen_mask_BT & batch.is_patch_BT)
 
 
 def test_packed_per_sample_losses_equal_the_unpacked_ones():
@@ -147,14 +147,14 @@ def test_packed_per_sample_losses_equal_the_unpacked_ones():
     return row, t, e
 
   rows = [layout(range(len(samples)))] + [layout([i]) for i in range(len(samples))]
-  batch = {k: jnp.asarray(np.stack([r[0][k] for r in rows])) for k in FIELDS}
+  batch = Batch.from_rows({k: jnp.asarray(np.stack([r[0][k] for r in rows])) for k in FIELDS})
   t = jnp.asarray(np.stack([r[1] for r in rows]))
   e = jnp.asarray(np.stack([r[2] for r in rows]))
-  x = objectives.to_unit_range(batch['patches'])
+  x = objectives.to_unit_range(batch.patches_BTP)
   x_t = t[..., None] * x + (1 - t[..., None]) * e
   losses = nnx.jit(_per_token_losses, static_argnums=(5,))
   nll, flow = map(np.asarray, losses(model, batch, x, t, x_t, config.flow.t_eps))
-  packed_seg = np.asarray(batch['segment_ids'][0])
+  packed_seg = np.asarray(batch.segment_ids_BT[0])
   for i, s in enumerate(samples):
     n = len(s['tokens'])
     for per_token in (nll, flow):
@@ -184,7 +184,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
   owner[:sum(lengths)] = np.repeat(np.arange(1, len(samples) + 1), lengths)
   key = jax.random.key(11)
   loss = nnx.jit(lambda m, b: objectives.compute_loss(m, b, key, 0, config)[1])
-  as_batch = lambda row: {k: jnp.asarray(v[None]) for k, v in row.items()}
+  as_batch = lambda row: Batch.from_rows({k: jnp.asarray(v[None]) for k, v in row.items()})
 
   # One t per span, independent across the spans of different samples.
   t = np.asarray(flow.sample_timesteps(key, as_batch(packed), config.flow))[0]

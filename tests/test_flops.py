@@ -13,6 +13,8 @@ from tuna2_jax import flops, layout, objectives, train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.models.transformer import REMAT_POLICIES
 
+typed = layout.Batch.from_rows
+
 
 @pytest.mark.parametrize('seed', range(4))
 @pytest.mark.parametrize('kind', ['omni', 'span'])
@@ -60,13 +62,14 @@ def test_hardware_forward_flops_match_xla_cost_analysis(vision, shared):
   config.model.time_embed_shared = shared
   batch = _one_image_row(config, grid=8)
   batch['loss_mask'] = np.ones_like(batch['loss_mask'])  # logits below run at every token
+  batch = layout.Batch.from_rows(batch)
   model = train_state.build_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
-  t = jnp.full(batch['segment_ids'].shape, 0.5)
+  t = jnp.full(batch.segment_ids_BT.shape, 0.5)
 
   def forward(params, batch):
     m = nnx.merge(graphdef, params)
-    hidden, x_hat = m(batch, objectives.to_unit_range(batch['patches']), t)
+    hidden, x_hat = m(batch, objectives.to_unit_range(batch.patches_BTP), t)
     return m.decoder.logits(hidden), x_hat
 
   xla = _xla_flops(forward, params, batch)
@@ -79,8 +82,8 @@ def test_hardware_forward_flops_match_xla_cost_analysis(vision, shared):
 def test_remat_recompute_matches_xla_cost_analysis():
   """The backward pass under remat='full' runs the layer stacks' forward once more."""
   config = _one_layer_config('patch')
-  batch = _one_image_row(config, grid=4)
-  t = jnp.full(batch['segment_ids'].shape, 0.5)
+  batch = layout.Batch.from_rows(_one_image_row(config, grid=4))
+  t = jnp.full(batch.segment_ids_BT.shape, 0.5)
 
   def step_flops(remat):
     config.model.remat = remat
@@ -88,7 +91,7 @@ def test_remat_recompute_matches_xla_cost_analysis():
 
     def loss(params):
       m = nnx.merge(graphdef, params)
-      hidden, x_hat = m(batch, objectives.to_unit_range(batch['patches']), t)
+      hidden, x_hat = m(batch, objectives.to_unit_range(batch.patches_BTP), t)
       return jnp.sum(hidden.astype(jnp.float32) ** 2) + jnp.sum(x_hat ** 2)
     return _xla_flops(jax.grad(loss), params)
 
@@ -102,35 +105,36 @@ def test_model_flops_count_only_useful_work():
   config = load_experiment('shapes', 'runlocal=True')
   m, d = config.model, config.model.decoder.width
   batch = _random_rows(0, patch_size=m.patch_size)
-  base = flops.forward_flops(m, batch)
+  base = flops.forward_flops(m, typed(batch))
   # The LM head counts at text targets only: one more target adds exactly one token's head.
   r, i = np.argwhere((batch['segment_ids'] > 0) & (batch['loss_mask'] == 0))[0]
   more = {k: v.copy() for k, v in batch.items()}
   more['loss_mask'][r, i] = 1.0
-  assert flops.forward_flops(m, more) - base == pytest.approx(2 * d * m.vocab_size)
+  assert flops.forward_flops(m, typed(more)) - base == pytest.approx(2 * d * m.vocab_size)
   # Padding slots: hardware work, no model work.
   padded = {k: np.concatenate([v, np.zeros_like(v[:, :7])], axis=1) for k, v in batch.items()}
-  assert flops.forward_flops(m, padded) == pytest.approx(base)
-  assert flops.hardware_forward_flops(m, padded) > flops.hardware_forward_flops(m, batch)
+  assert flops.forward_flops(m, typed(padded)) == pytest.approx(base)
+  assert (flops.hardware_forward_flops(m, typed(padded))
+          > flops.hardware_forward_flops(m, typed(batch)))
   # Modulation per span (model) vs per token (hardware).
-  assert base < flops.hardware_forward_flops(m, batch)
+  assert base < flops.hardware_forward_flops(m, typed(batch))
 
 
 def test_train_step_is_three_forward_passes():
   config = load_experiment('shapes', 'runlocal=True')
-  batch = _random_rows(0, patch_size=config.model.patch_size)
+  batch = typed(_random_rows(0, patch_size=config.model.patch_size))
   assert flops.train_step_flops(config.model, batch) == pytest.approx(
       3 * flops.forward_flops(config.model, batch))
   assert flops.hardware_step_flops(config.model, batch) == pytest.approx(
       3 * flops.hardware_forward_flops(config.model, batch)
       + flops.remat_recompute_flops(config.model, batch))
-  padded = dict(batch, segment_ids=np.zeros_like(batch['segment_ids']))
+  padded = batch.replace(segment_ids_BT=np.zeros_like(batch.segment_ids_BT))
   assert flops.forward_flops(config.model, padded) == 0.0
 
 
 def test_every_remat_policy_has_a_recompute_count():
   config = load_experiment('shapes', 'runlocal=True')
-  batch = _random_rows(0, patch_size=config.model.patch_size)
+  batch = typed(_random_rows(0, patch_size=config.model.patch_size))
   assert set(flops.REMAT_RECOMPUTE) == set(REMAT_POLICIES)
   for remat in REMAT_POLICIES:
     extra = flops.remat_recompute_flops(config.model, batch, remat)

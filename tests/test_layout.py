@@ -62,7 +62,8 @@ def test_three_forms_of_the_rule_agree_on_packed_rows(seed, kind):
   assert (batch['segment_ids'].max(axis=1) > 1).any() and (batch['span_ids'] > 1).any()
   _three_forms_agree(batch, batch['span_ids'], kind)
   # The vision encoder's mask: spans on the patches only.
-  _three_forms_agree(batch, np.asarray(layout.patch_info(batch).span_ids), kind)
+  _three_forms_agree(batch, np.asarray(layout.patch_info(layout.Batch.from_rows(batch)).span_ids),
+                     kind)
 
 
 @pytest.mark.parametrize('kind', layout.KINDS)
@@ -73,7 +74,7 @@ def test_three_forms_of_the_rule_agree_on_left_padded_rows(kind):
 
 
 def test_an_unknown_kind_is_named():
-  info = layout.row_info(_packed(0, rows=1))
+  info = layout.row_info(layout.Batch.from_rows(_packed(0, rows=1)))
   for form in (lambda: layout.omni_mask_BTS(info, info, 'causal'),
                lambda: layout.key_bounds_BT(jax.tree.map(jnp.asarray, info), 'causal'),
                lambda: layout.attended_keys_BT(info.segment_ids, info.span_ids, 'causal')):
@@ -82,14 +83,14 @@ def test_an_unknown_kind_is_named():
 
 
 def test_constructors_give_what_the_inline_code_gave():
-  batch = {k: jnp.asarray(v) for k, v in _packed(1).items()}
-  b, t = batch['tokens'].shape
-  seg, pos, span = batch['segment_ids'], batch['positions'], batch['span_ids']
+  batch = layout.Batch.from_rows({k: jnp.asarray(v) for k, v in _packed(1).items()})
+  b, t = batch.tokens_BT.shape
+  seg, pos, span = batch.segment_ids_BT, batch.positions_BT, batch.span_ids_BT
   same = lambda info, *want: [np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
                               for g, w in zip((info.segment_ids, info.positions, info.span_ids),
                                               want)]
   same(layout.row_info(batch), seg, pos, span)
-  same(layout.patch_info(batch), seg, pos, jnp.where(batch['is_patch'], span, 0))
+  same(layout.patch_info(batch), seg, pos, jnp.where(batch.is_patch_BT, span, 0))
   # sampling.decode_text: the prompt's keys then max_new_tokens free slots; each step writes one.
   pad_tail = lambda a: jnp.pad(a, ((0, 0), (0, 3)))
   kv = layout.cache_info(layout.row_info(batch), 3)
@@ -107,14 +108,14 @@ def test_constructors_give_what_the_inline_code_gave():
 
 
 def test_take_slots_and_flow_targets():
-  batch = _packed(2)
-  part = layout.take_slots(dict(batch, extra=np.zeros(3)), 2, 5)
-  assert tuple(part) == layout.FIELDS
-  assert all(v.shape[1] == 3 for v in part.values())
-  np.testing.assert_array_equal(part['patches'], batch['patches'][:, 2:5])
+  batch = layout.Batch.from_rows(_packed(2))
+  part = layout.take_slots(batch, 2, 5)
+  assert isinstance(part, layout.Batch)
+  assert all(v.shape[1] == 3 for v in part.rows().values())
+  np.testing.assert_array_equal(part.patches_BTP, batch.patches_BTP[:, 2:5])
   targets = layout.flow_targets_BT(batch)
-  assert targets.any() and not (targets & batch['is_time']).any()
-  np.testing.assert_array_equal(targets, batch['gen_mask'] & batch['is_patch'])
+  assert targets.any() and not (targets & batch.is_time_BT).any()
+  np.testing.assert_array_equal(targets, batch.gen_mask_BT & batch.is_patch_BT)
 
 
 def _check_schema(rows: dict, lead: tuple) -> None:

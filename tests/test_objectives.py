@@ -115,7 +115,8 @@ def _spans(batch):
 
 def test_sample_timesteps_clean_spans_and_one_t_per_span():
   batch = _span_rows(8)
-  t = np.asarray(flow.sample_timesteps(jax.random.key(0), batch, config_lib.flow()))
+  t = np.asarray(flow.sample_timesteps(jax.random.key(0), layout.Batch.from_rows(batch),
+                                       config_lib.flow()))
   for (r, _), idx in _spans(batch).items():
     assert np.all(t[r, idx] == t[r, idx[0]])  # the time token and all patches share one t
     if batch['gen_mask'][r, idx[0]]:
@@ -130,7 +131,7 @@ def test_sample_timesteps_clean_spans_and_one_t_per_span():
 def test_sample_timesteps_follow_the_logit_normal():
   batch = _span_rows(300, seed=1)  # 600 generated spans
   obj = config_lib.flow(p_mean=-0.5, p_std=0.7)
-  t = np.asarray(flow.sample_timesteps(jax.random.key(1), batch, obj))
+  t = np.asarray(flow.sample_timesteps(jax.random.key(1), layout.Batch.from_rows(batch), obj))
   t = t[batch['gen_mask'] & batch['is_time']]
   n = np.log(t / (1 - t))
   assert len(n) == 600
@@ -141,7 +142,8 @@ def test_sample_timesteps_follow_the_logit_normal():
 def test_noisy_understanding_images_stay_near_clean():
   batch = _span_rows(100, seed=2)
   t = np.asarray(flow.sample_timesteps(
-      jax.random.key(2), batch, config_lib.flow(mmu_noisy_prob=0.5, mmu_noisy_max=0.1)))
+      jax.random.key(2), layout.Batch.from_rows(batch),
+      config_lib.flow(mmu_noisy_prob=0.5, mmu_noisy_max=0.1)))
   mmu = (batch['task'] == layout.TASK_IDS['mmu']) & batch['is_time']
   edit_source = (batch['task'] == layout.TASK_IDS['edit']) & batch['is_time'] & ~batch['gen_mask']
   assert np.all(t[edit_source] == 1.0)  # only understanding images are noised
@@ -183,7 +185,8 @@ def _drop_rows(rows: int) -> dict:
 
 def test_patch_drop_only_hits_patches_of_whole_chosen_samples():
   batch = _drop_rows(400)  # 800 samples, 1600 images
-  drop = np.asarray(objectives.sample_patch_drop(jax.random.key(4), batch, _masking(), True))
+  drop = np.asarray(objectives.sample_patch_drop(jax.random.key(4), layout.Batch.from_rows(batch),
+                                                 _masking(), True))
   assert not drop[~batch['is_patch']].any()
   seg, span = batch['segment_ids'], batch['span_ids']
   per_sample = [drop[r, seg[r] == s] for r in range(400) for s in (1, 2)]
@@ -201,7 +204,8 @@ def test_patch_drop_only_hits_patches_of_whole_chosen_samples():
 
 def test_patch_drop_off_when_inactive():
   batch = _drop_rows(20)
-  drop = objectives.sample_patch_drop(jax.random.key(5), batch, _masking(sample_prob=1.0), False)
+  drop = objectives.sample_patch_drop(jax.random.key(5), layout.Batch.from_rows(batch),
+                                      _masking(sample_prob=1.0), False)
   assert not np.asarray(drop).any()
   cfg = _masking(start_fraction=0.5)
   assert not bool(objectives.masking_active(49, 100, cfg))
@@ -221,7 +225,7 @@ def test_compute_loss_combines_text_and_flow():
                            seq.Text([5, 30, 31]), seq.Text([40, 41, 3], train=True)], 'mmu',
                           img_id=6, patch_size=p)]
   row = seq.pack(samples, 24, patch_size=p, pad_id=0)
-  batch = {k: np.repeat(v[None], 2, 0) for k, v in row.items()}
+  batch = layout.Batch.from_rows({k: np.repeat(v[None], 2, 0) for k, v in row.items()})
 
   @nnx.jit(static_argnums=(3,))
   def loss(model, batch, key, coeffs):
@@ -254,8 +258,11 @@ class _Identity(nnx.Module):
 def test_loss_and_sampler_read_the_same_flow_config():
   """config.flow.noise_scale scales the loss's noise and the sampler's starting noise alike."""
   config = load_experiment('shapes', 'runlocal=True')
-  batch = _span_rows(2)
-  gen = {'patches': np.full((2, 3, 12), 127, np.uint8), 'gen_mask': np.ones((2, 3), bool)}
+  batch = layout.Batch.from_rows(_span_rows(2))
+  gen = layout.Batch.from_rows({
+      k: np.zeros((2, 3, *layout.trailing_shape(k, 2)), layout.SCHEMA[k].dtype)
+      for k in layout.FIELDS}).replace(
+      patches_BTP=np.full((2, 3, 12), 127, np.uint8), gen_mask_BT=np.ones((2, 3), bool))
   out = {}
   for scale in (0.1, 0.2):
     config.flow.noise_scale = scale

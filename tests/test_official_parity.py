@@ -134,6 +134,16 @@ def span_batch(length: int, spans: list[list[tuple[int, int]]], grid: int,
   return out
 
 
+def as_batch(fields: dict) -> layout.Batch:
+  """span_batch's fields as a layout.Batch; the row fields it lacks (tokens, targets, patches,
+  ...: none of what reads it here) are zeros."""
+  b, length = fields['segment_ids'].shape
+  return layout.Batch.from_rows({
+      k: fields[k] if k in fields else np.zeros((b, length, *layout.trailing_shape(k, 1)),
+                                                layout.SCHEMA[k].dtype)
+      for k in layout.FIELDS})
+
+
 def block_inputs(d: dict, grid: int = 4):
   positions = d['modality_positions']
   b, length = d['hidden_states'].shape[:2]
@@ -143,7 +153,7 @@ def block_inputs(d: dict, grid: int = 4):
   index = np.where(batch['image_index'] >= 0,
                    np.arange(b)[:, None] * per_row + batch['image_index'], 0)
   c = d['adaln_input'][index]
-  return {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(c)
+  return jax.tree.map(jnp.asarray, as_batch(batch)), jnp.asarray(c)
 
 
 def official_head(**changes) -> ml_collections.ConfigDict:
@@ -160,7 +170,7 @@ def run_block(d: dict, params: dict, head_cfg, grid: int = 4):
   batch, c = block_inputs(d, grid)
   info = layout.row_info(batch)
   rope = head_rope(head_cfg, batch)
-  out, _ = block(jnp.asarray(d['hidden_states']), c, batch['span_ids'] > 0, rope, info, info,
+  out, _ = block(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT > 0, rope, info, info,
                  None)
   return np.asarray(out), block, batch, c, rope, info
 
@@ -171,7 +181,7 @@ def test_flow_block_matches_official():
   # The omni mask is the official one, and q after projection, q/k-norm and rope too.
   np.testing.assert_array_equal(layout.omni_mask_BTS(info, info), d['attention_mask_bool'])
   mods = jnp.split(block.ada(jax.nn.silu(c)), 6, axis=-1)
-  keep = (batch['span_ids'] > 0)[..., None]
+  keep = (batch.span_ids_BT > 0)[..., None]
   shift, scale = (jnp.where(keep, m, 0.0) for m in mods[:2])
   x = block.norm1(jnp.asarray(d['hidden_states'])) * (1 + scale) + shift
   q = block.attn.q_norm(block.attn.q_proj(x).reshape(*x.shape[:2], 4, 64))
@@ -232,7 +242,7 @@ def test_final_layer_and_unpatchify_match_official():
               keep=tuple(p for p in hf_folder.flat_paths(nnx.state(head, nnx.Param))
                          if p.startswith('blocks/')))
   batch, c = block_inputs(d)
-  out = np.asarray(head.final(jnp.asarray(d['hidden_states']), c, batch['span_ids'] > 0))
+  out = np.asarray(head.final(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT > 0))
   np.testing.assert_allclose(out, d['output'], atol=1e-5)
   image = d['image'][:, :, 0].transpose(0, 2, 3, 1)  # [N, C, T, H, W] -> [N, H, W, C]
   for r, (offset, _) in enumerate(d['modality_positions'][:, 0]):
@@ -258,7 +268,8 @@ def jit_loss_batch(d: dict):
     pieces = [seq.Text(tok[r, :5].tolist()), seq.Image(image, generate=True),
               seq.Text(tok[r, 9:].tolist())]
     rows.append(seq.assemble(pieces, 't2i', img_id=54, patch_size=16, pixel_layout='official'))
-  return {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in layout.FIELDS}
+  return layout.Batch.from_rows(
+      {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in layout.FIELDS})
 
 
 def test_jit_noising_and_loss_match_official():
@@ -269,15 +280,15 @@ def test_jit_noising_and_loss_match_official():
   np.testing.assert_allclose(x_t, d['x_t'], atol=1e-6)
 
   batch = jit_loss_batch(d)
-  np.testing.assert_array_equal(batch['tokens'][:, :5], d['text_tokens'][:, :5])
-  span = np.asarray(batch['span_ids'] > 0)
+  np.testing.assert_array_equal(batch.tokens_BT[:, :5], d['text_tokens'][:, :5])
+  span = np.asarray(batch.span_ids_BT > 0)
   np.testing.assert_array_equal(span, d['image_masks_input'])  # time token + 3 of 4 patches
-  target_BT = batch['gen_mask'] & batch['is_patch']
+  target_BT = batch.gen_mask_BT & batch.is_patch_BT
   np.testing.assert_array_equal(target_BT, d['loss_token_mask'])
-  x = batch['patches'].astype(jnp.float32)
+  x = batch.patches_BTP.astype(jnp.float32)
   target = flow.flow_target(x, batch, 'official', 16)
   np.testing.assert_array_equal(np.where(target_BT[..., None], target, 0), d['target_tokens'])
-  t_BT = jnp.where(batch['span_ids'] > 0, jnp.asarray(d['t'])[:, None], 1.0)
+  t_BT = jnp.where(batch.span_ids_BT > 0, jnp.asarray(d['t'])[:, None], 1.0)
   loss, count = flow.flow_loss(jnp.asarray(d['x0_pred_tokens']), target, t_BT, target_BT,
                                      float(d['t_eps']))
   np.testing.assert_allclose(loss, d['loss'], rtol=1e-6)
@@ -296,7 +307,7 @@ def test_omni_mask_matches_official():
   length = int(d['seq_len'])
   spans = [[tuple(map(int, s)) for s in row if s[0] >= 0 and s[1] > 0]
            for row in d['modality_positions']]
-  batch = span_batch(length, spans, grid=2)
+  batch = as_batch(span_batch(length, spans, grid=2))
   info = jax.tree.map(jnp.asarray, layout.row_info(batch))
   np.testing.assert_array_equal(layout.omni_mask_BTS(info, info), d['allowed'])
 
@@ -324,8 +335,8 @@ def test_sampler_with_cfg_matches_official(run, sampler, steps, interval):
   image = d['noise_unit'][0, :, 0].transpose(1, 2, 0)  # [H, W, C]
   row = seq.assemble([seq.Text([1]), seq.Image(np.zeros((p, p, 3), np.uint8), generate=True)],
                      't2i', img_id=2, patch_size=p)
-  batch = seq.stack_left_padded([row, row], patch_size=p, pad_id=0)
-  noise = np.zeros(batch['patches'].shape, np.float32)
+  batch = layout.Batch.from_rows(seq.stack_left_padded([row, row], patch_size=p, pad_id=0))
+  noise = np.zeros(batch.patches_BTP.shape, np.float32)
   noise[:, 2] = seq.patchify(image, p)[0]
   out = sampling.sample_images(
       ToyInner(), batch, jax.random.key(0),
@@ -360,7 +371,7 @@ def test_heun_calls_the_model_2s_minus_1_times():
 
   row = seq.assemble([seq.Text([1]), seq.Image(np.zeros((8, 8, 3), np.uint8), generate=True)],
                      't2i', img_id=2, patch_size=8)
-  batch = seq.stack_left_padded([row], patch_size=8, pad_id=0)
+  batch = layout.Batch.from_rows(seq.stack_left_padded([row], patch_size=8, pad_id=0))
   out = sampling.sample_images(Counting(), batch, jax.random.key(0), config_lib.flow(), steps=4,
                                sampler='heun', prompt_cache=False)
   jax.block_until_ready(out)

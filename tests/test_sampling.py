@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_experiment, perturbed_params
-from tuna2_jax import config_lib, objectives, sampling, train_state
+from tuna2_jax import config_lib, layout, objectives, sampling, train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -29,10 +29,13 @@ class GaussianPosterior(nnx.Module):
     return None, self.mu + gain * (x_BTP - t * self.mu)
 
 
-def _noise_batch(rows: int, tokens: int, dim: int) -> dict:
-  """What sample_images reads: the pixel blocks' shape and which tokens to generate."""
-  return {'patches': np.zeros((rows, tokens, dim), np.uint8),
-          'gen_mask': np.ones((rows, tokens), bool)}
+def _noise_batch(rows: int, tokens: int, dim: int) -> layout.Batch:
+  """What sample_images reads: the pixel blocks' shape and which tokens to generate (every
+  other field zero)."""
+  zeros = {k: np.zeros((rows, tokens, *layout.trailing_shape(k, 1)), layout.SCHEMA[k].dtype)
+           for k in layout.FIELDS}
+  return layout.Batch.from_rows(zeros).replace(patches_BTP=np.zeros((rows, tokens, dim), np.uint8),
+                                               gen_mask_BT=np.ones((rows, tokens), bool))
 
 
 @pytest.mark.slow
@@ -65,14 +68,14 @@ class RowConstant(nnx.Module):
   """
 
   def __call__(self, batch, x_BTP, t_BT):
-    c = batch['tokens'][:, :1, None].astype(jnp.float32) / 100.0
+    c = batch.tokens_BT[:, :1, None].astype(jnp.float32) / 100.0
     return None, jnp.broadcast_to(c, x_BTP.shape) + 0.0 * x_BTP
 
 
 def _cfg_batch():
   b = _noise_batch(4, 3, 12)
-  b['tokens'] = np.array([[30], [20], [10], [15]], np.int32).repeat(3, 1)  # cond x2, uncond x2
-  return b
+  # cond x2, uncond x2
+  return b.replace(tokens_BT=np.array([[30], [20], [10], [15]], np.int32).repeat(3, 1))
 
 
 def test_cfg_guides_with_scale():
@@ -96,18 +99,18 @@ def test_cfg_at_scale_one_equals_no_cfg():
   size, p = (32, 32), config.model.patch_size
   rows = [tasks.generation_prompt('a red circle', tok, size, p),
           tasks.generation_prompt('', tok, size, p)]
-  batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id)
+  batch = layout.Batch.from_rows(seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id))
   run = lambda **kw: np.asarray(sampling.sample_images(
       model, batch, jax.random.key(2), config.flow, steps=3, sampler='heun', **kw))
   plain = run(cfg_scale=1.0)
   off = run(cfg_scale=3.0, cfg_interval=(2.0, 3.0))
-  target = batch['gen_mask'][0] & batch['is_patch'][0]
+  target = batch.gen_mask_BT[0] & batch.is_patch_BT[0]
   assert np.abs(plain[0, target]).max() > 1e-2  # the (perturbed) head predicts something
   np.testing.assert_allclose(off[0, target], plain[0, target], rtol=0, atol=1e-5)
   # Clean (non-generated) slots hold the input pixels.
   np.testing.assert_array_equal(
-      plain[0, ~batch['gen_mask'][0]],
-      np.asarray(objectives.to_unit_range(batch['patches'][0, ~batch['gen_mask'][0]])))
+      plain[0, ~batch.gen_mask_BT[0]],
+      np.asarray(objectives.to_unit_range(batch.patches_BTP[0, ~batch.gen_mask_BT[0]])))
 
 
 def test_unknown_sampler_is_rejected():
@@ -121,8 +124,8 @@ def _greedy_by_recomputation(model, tok, examples, p, steps):
 
   Sequences are left-padded to one length so that a single compiled forward serves all steps.
   """
-  forward = nnx.jit(lambda m, b: m.decoder.logits(m(b, objectives.to_unit_range(b['patches']),
-                                                    jnp.ones(b['tokens'].shape))[0][:, -1]))
+  forward = nnx.jit(lambda m, b: m.decoder.logits(m(b, objectives.to_unit_range(b.patches_BTP),
+                                                    jnp.ones(b.tokens_BT.shape))[0][:, -1]))
   prefixes = [tasks.to_pieces(dict(ex, task='mmu', answer=''), tok)[:-1] for ex in examples]
   length = max(len(seq.assemble(x, 'mmu', img_id=tok.img_id, patch_size=p)['tokens'])
                for x in prefixes) + steps
@@ -131,7 +134,7 @@ def _greedy_by_recomputation(model, tok, examples, p, steps):
     samples = [seq.assemble(x + [seq.Text(out)], 'mmu', img_id=tok.img_id, patch_size=p)
                for x, out in zip(prefixes, outs)]
     batch = seq.stack_left_padded(samples, patch_size=p, pad_id=tok.pad_id, length=length)
-    logits = np.asarray(forward(model, batch))
+    logits = np.asarray(forward(model, layout.Batch.from_rows(batch)))
     for out, row in zip(outs, logits):
       top2 = np.sort(row)[-2:]
       assert top2[1] - top2[0] > 1e-4, 'a near tie would make the comparison flaky'
@@ -150,7 +153,7 @@ def test_kv_cached_greedy_decoding_equals_recomputation():
   questions = ['what colour is the circle?', 'how many objects are there in the grid?']
   prompts = [tasks.understanding_prompt(im, q, tok, p) for im, q in zip(images, questions)]
   assert len(prompts[0]['tokens']) != len(prompts[1]['tokens'])
-  batch = seq.stack_left_padded(prompts, patch_size=p, pad_id=tok.pad_id)
+  batch = layout.Batch.from_rows(seq.stack_left_padded(prompts, patch_size=p, pad_id=tok.pad_id))
   steps = 5
   got = np.asarray(sampling.decode_text(model, batch, jax.random.key(0), max_new_tokens=steps,
                                         eos_id=tok.eos_id, pad_id=tok.pad_id))
@@ -172,12 +175,12 @@ def test_prompt_cache_equals_full_recomputation(vision):
           tasks.generation_prompt('make the circle blue.', tok, size, p, source=source),
           tasks.generation_prompt('', tok, size, p),
           tasks.generation_prompt('', tok, size, p, source=source)]
-  batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id)
+  batch = layout.Batch.from_rows(seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id))
   run = lambda cache: np.asarray(sampling.sample_images(
       model, batch, jax.random.key(3), config.flow, steps=3, sampler='heun', cfg_scale=2.0,
       prompt_cache=cache))
   cached, full = run(True), run(False)
-  target = batch['gen_mask'] & batch['is_patch']
+  target = batch.gen_mask_BT & batch.is_patch_BT
   assert np.abs(full[target]).max() > 1e-2
   np.testing.assert_allclose(cached, full, rtol=0, atol=5e-4)  # float32 rounding; a wrong cache is O(1) off
 

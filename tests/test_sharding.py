@@ -16,7 +16,8 @@ import pytest
 
 from conftest import load_experiment, train_losses
 from tuna2_jax import checkpoint as ckpt_lib
-from tuna2_jax import dry_run, sharding, train, train_state
+from tuna2_jax import dry_run, layout, sharding, train, train_state
+from tuna2_jax.data import sequence as seq
 
 
 def _config(**overrides):
@@ -138,6 +139,17 @@ def test_fsdp_leaves_little_replicated_and_the_check_fails_otherwise():
   with pytest.raises(ValueError, match=r'not split over fsdp=8 .*max_replicated_fraction'):
     sharding.check_replication(abstract['params'], shardings['params'], mesh,
                                config.max_replicated_fraction)
+
+
+def test_global_batch_turns_the_pipeline_dict_into_a_split_layout_batch():
+  rows = {k: np.stack([v] * 4) for k, v in seq.empty_row(6, 2, 0).items()}
+  rows['tokens'] = np.arange(24, dtype=np.int32).reshape(4, 6)
+  mesh = sharding.mesh_from_sizes(data=2, fsdp=2, devices=jax.devices()[:4])
+  batch = sharding.global_batch(dict(rows, skipped=np.zeros(4)), mesh)  # non-row keys left out
+  assert isinstance(batch, layout.Batch)
+  assert batch.patches_BTP.shape == (4, 6, 12) and batch.pos3_BT3.dtype == np.int32
+  assert all(x.sharding.spec[0] == ('data', 'fsdp') for x in jax.tree.leaves(batch))
+  np.testing.assert_array_equal(batch.tokens_BT, rows['tokens'])
 
 
 def test_same_rules_shard_params_optimizer_and_ema():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tuna2_jax import trainer
+from tuna2_jax import layout, trainer
 from tuna2_jax.data import packing
 
 
@@ -41,10 +41,11 @@ def test_chrono_laps_leave_out_the_pauses():
 
 
 def _batch(tokens_per_row, skipped=None):
-  """Two rows whose first `tokens_per_row` slots are real tokens, with skip counts."""
-  seg = np.zeros((2, 8), np.int32)
-  seg[:, :tokens_per_row] = 1
-  batch = {'segment_ids': seg}
+  """Two rows (the data pipeline's dict) whose first `tokens_per_row` slots are real tokens,
+  with skip counts."""
+  batch = {k: np.zeros((2, 8, *layout.trailing_shape(k, 1)), layout.SCHEMA[k].dtype)
+           for k in layout.FIELDS}
+  batch['segment_ids'][:, :tokens_per_row] = 1
   if skipped is not None:
     for key in packing.SKIPPED_KEYS:
       batch[key] = np.array([skipped.get(key, 0), 0], np.int32)
@@ -75,7 +76,7 @@ def test_skipped_records_are_taken_off_the_batch_and_continue_across_a_resume():
   first = trainer.StepStats(lambda local: 0.0, process_count=1, device_count=1, peak_flops=None)
   batch = _batch(2, {bad: 3})
   first.add(batch)
-  assert set(batch) == {'segment_ids'}  # what goes to the devices holds no counts
+  assert tuple(batch) == layout.FIELDS  # what goes to the devices holds no counts
   first.add(_batch(2, {long: 1}))
   meta = {'train_flops': 5.0, **first.checkpoint_figures()}
   assert meta[bad] == 3.0 and meta[long] == 1.0

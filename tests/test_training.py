@@ -15,7 +15,7 @@ import pytest
 from conftest import load_experiment
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import evaluate as eval_lib
-from tuna2_jax import flops, sharding, train, train_state, trainer
+from tuna2_jax import flops, layout, sharding, train, train_state, trainer
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -160,7 +160,8 @@ def test_eval_history_is_written_at_the_configured_steps(uninterrupted_run):
   history = _history(workdir)
   assert [h['step'] for h in history] == [2, 4]
   batches = iter(pipeline.train_dataset(config, Tokenizer.load()))
-  per_step = [flops.train_step_flops(config.model, next(batches)) for _ in range(4)]
+  per_step = [flops.train_step_flops(config.model, layout.Batch.from_rows(next(batches)))
+              for _ in range(4)]
   assert history[0]['train_flops'] == pytest.approx(sum(per_step[:2]))
   assert history[1]['train_flops'] == pytest.approx(sum(per_step))
   assert 0 < history[0]['wall_s'] < history[1]['wall_s']

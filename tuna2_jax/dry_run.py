@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from tuna2_jax import flops
+from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax import topologies
 from tuna2_jax.data import sequence as seq
@@ -68,12 +69,14 @@ def check_target(config: ml_collections.ConfigDict, topology: topologies.Topolog
                      f'shards ({" x ".join(axes)}) of mesh {sizes} on {where}')
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
-  """The global batch as ShapeDtypeStructs split over the batch axes."""
+def abstract_batch(config: ml_collections.ConfigDict, mesh) -> layout.Batch:
+  """The global batch (what sharding.global_batch gives) as ShapeDtypeStructs split over the
+  batch axes."""
   row = seq.empty_row(config.seq_len, config.model.patch_size, pad_id=0)
   split = sharding.batch_sharding(mesh, config.sharding_rules)
-  return {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape), v.dtype, sharding=split)
-          for k, v in row.items()}
+  return layout.Batch.from_rows(
+      {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape), v.dtype, sharding=split)
+       for k, v in row.items()})
 
 
 def step_flops(config: ml_collections.ConfigDict) -> float | None:
@@ -87,11 +90,11 @@ def step_flops(config: ml_collections.ConfigDict) -> float | None:
   if not fit:
     return None
   row = seq.pack([sample] * fit, config.seq_len, patch_size=p, pad_id=0)
-  return config.batch_size * flops.train_step_flops(config.model, {k: v[None]
-                                                                   for k, v in row.items()})
+  return config.batch_size * flops.train_step_flops(
+      config.model, layout.Batch.from_rows({k: v[None] for k, v in row.items()}))
 
 
-def memory_report(step_fn, abstract_state: dict, state_shardings: dict, batch: dict,
+def memory_report(step_fn, abstract_state: dict, state_shardings: dict, batch: layout.Batch,
                   mesh) -> dict:
   """Compiles step_fn(state, batch, key) for abstract inputs; per-device bytes and timings."""
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -88,19 +88,19 @@ def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
   return parts
 
 
-def _layout(batch: dict) -> dict[str, float]:
+def _layout(batch: layout.Batch) -> dict[str, float]:
   """The token, target and attended-pair counts the FLOP formulas use."""
-  seg = np.asarray(batch['segment_ids'])
+  seg = np.asarray(batch.segment_ids_BT)
   valid = seg > 0
-  span = np.asarray(batch['span_ids'])
-  is_patch = np.asarray(batch['is_patch']) & valid
+  span = np.asarray(batch.span_ids_BT)
+  is_patch = np.asarray(batch.is_patch_BT) & valid
   starts = (span > 0) & valid
   starts[:, 1:] &= (span[:, 1:] != span[:, :-1]) | (seg[:, 1:] != seg[:, :-1])
-  patch_spans = np.where(np.asarray(batch['is_patch']), span, 0)
+  patch_spans = np.where(np.asarray(batch.is_patch_BT), span, 0)
   return {
       'slots': float(seg.size), 'tokens': float(valid.sum()), 'patches': float(is_patch.sum()),
       'spans': float(starts.sum()),
-      'text_targets': float(((np.asarray(batch['loss_mask']) > 0) & valid).sum()),
+      'text_targets': float(((np.asarray(batch.loss_mask_BT) > 0) & valid).sum()),
       'gen_patches': float((np.asarray(layout.flow_targets_BT(batch)) & valid).sum()),
       'keys': float(layout.attended_keys_BT(seg, span).sum()),
       'span_keys': float(layout.attended_keys_BT(seg, patch_spans, 'span').sum()),
@@ -124,8 +124,8 @@ def _conditioning(model: ml_collections.ConfigDict, n: float) -> float:
   return n * (embedders * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
 
 
-def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
-  """Model FLOPs of one forward pass over `batch` (host arrays of layout.SCHEMA's rows)."""
+def forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
+  """Model FLOPs of one forward pass over `batch` (host arrays)."""
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
   parts = _stack_parts(model, n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
@@ -134,7 +134,7 @@ def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
           + _vision_input(model, n['patches']))
 
 
-def hardware_forward_flops(model: ml_collections.ConfigDict, batch: dict,
+def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
                            text_chunk: int = TEXT_CHUNK) -> float:
   """FLOPs one forward pass executes: every slot, the LM head at whole chunks of targets."""
   n = _layout(batch)
@@ -147,7 +147,7 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: dict,
           + _vision_input(model, n['slots']))
 
 
-def remat_recompute_flops(model: ml_collections.ConfigDict, batch: dict,
+def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
                           remat: str | None = None) -> float:
   """Forward FLOPs the backward pass reruns under `remat` (default: model.remat)."""
   remat = model.remat if remat is None else remat
@@ -158,12 +158,12 @@ def remat_recompute_flops(model: ml_collections.ConfigDict, batch: dict,
   return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
 
 
-def train_step_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
+def train_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
   """Model FLOPs of a training step: what MFU divides by the peak."""
   return TRAIN_PASSES * forward_flops(model, batch)
 
 
-def hardware_step_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
+def hardware_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
   """FLOPs a training step executes: 3 executed forwards plus remat's recompute."""
   return (TRAIN_PASSES * hardware_forward_flops(model, batch)
           + remat_recompute_flops(model, batch))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tuna2_jax.layout import TASK_IDS
+from tuna2_jax.layout import TASK_IDS, Batch
 
 
 def draw_per_group(key, shape_BT, group_ids_BT, draw) -> jax.Array:
@@ -36,25 +36,25 @@ def draw_per_group(key, shape_BT, group_ids_BT, draw) -> jax.Array:
   return jnp.take_along_axis(table, group_ids_BT, axis=1)
 
 
-def sample_timesteps(key, batch: dict, flow_cfg: ml_collections.ConfigDict) -> jax.Array:
+def sample_timesteps(key, batch: Batch, flow_cfg: ml_collections.ConfigDict) -> jax.Array:
   """Each token's image t [B, T]: logit-normal for generation targets, 1 for clean images.
 
   With mmu_noisy_prob > 0 (the reference code), that share of understanding images is slightly
   noisy instead: t = 1 - U(0, mmu_noisy_max).
   """
   k_gen, k_noisy, k_amount = jax.random.split(key, 3)
-  shape, spans = batch['span_ids'].shape, batch['span_ids']
+  shape, spans = batch.span_ids_BT.shape, batch.span_ids_BT
   t_gen = draw_per_group(k_gen, shape, spans, lambda k, s: jax.nn.sigmoid(
       flow_cfg.p_mean + flow_cfg.p_std * jax.random.normal(k, s)))
-  t = jnp.where(batch['gen_mask'], t_gen, 1.0)
+  t = jnp.where(batch.gen_mask_BT, t_gen, 1.0)
   if flow_cfg.mmu_noisy_prob > 0:
     noisy = draw_per_group(k_noisy, shape, spans,
                            lambda k, s: jax.random.uniform(k, s) < flow_cfg.mmu_noisy_prob)
     amount = draw_per_group(k_amount, shape, spans,
                             lambda k, s: jax.random.uniform(k, s, maxval=flow_cfg.mmu_noisy_max))
-    is_mmu = (batch['task'] == TASK_IDS['mmu']) & ~batch['gen_mask']
+    is_mmu = (batch.task_BT == TASK_IDS['mmu']) & ~batch.gen_mask_BT
     t = jnp.where(is_mmu & noisy, 1.0 - amount, t)
-  return jnp.where(batch['span_ids'] > 0, t, 1.0)
+  return jnp.where(batch.span_ids_BT > 0, t, 1.0)
 
 
 def interpolate(x_BTP, t_BT, e_BTP) -> jax.Array:
@@ -116,19 +116,19 @@ def relayout(x_BTP, patch_grid_BT4, is_patch_BT, p: int, *, to_strips: bool) -> 
   return jnp.where(is_patch_BT[..., None], flat, x_BTP)
 
 
-def flow_target(x_BTP, batch: dict, pixel_layout: str, p: int) -> jax.Array:
+def flow_target(x_BTP, batch: Batch, pixel_layout: str, p: int) -> jax.Array:
   """What each token's x_hat is compared with: its own block ('exact'), or its strip of the
   image ('official')."""
   if pixel_layout == 'exact':
     return x_BTP
-  return relayout(x_BTP, batch['patch_grid'], batch['is_patch'], p, to_strips=True)
+  return relayout(x_BTP, batch.patch_grid_BT4, batch.is_patch_BT, p, to_strips=True)
 
 
-def prediction_blocks(x_hat_BTP, batch: dict, pixel_layout: str, p: int) -> jax.Array:
+def prediction_blocks(x_hat_BTP, batch: Batch, pixel_layout: str, p: int) -> jax.Array:
   """x_hat in block layout (each patch token its own block), for the sampler."""
   if pixel_layout == 'exact':
     return x_hat_BTP
-  return relayout(x_hat_BTP, batch['patch_grid'], batch['is_patch'], p, to_strips=False)
+  return relayout(x_hat_BTP, batch.patch_grid_BT4, batch.is_patch_BT, p, to_strips=False)
 
 
 def flow_loss(x_hat_BTP, x_BTP, t_BT, target_BT, t_eps: float) -> tuple[jax.Array, jax.Array]:

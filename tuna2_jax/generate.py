@@ -62,7 +62,8 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
     rows = [cond[j] for j in chunk]
     if use_cfg:
       rows += [null[j] for j in chunk]
-    batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length)
+    batch = layout.Batch.from_rows(
+        seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length))
     x = sampling.sample_images(
         model, batch, jax.random.fold_in(key, i), config.flow, steps=s.steps, sampler=s.sampler,
         cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),

@@ -106,7 +106,7 @@ def _sums_fn(config: ml_collections.ConfigDict, graphdef, mesh):
       _, aux = objectives.compute_loss(nnx.merge(graphdef, params), batch, key, 0, quiet)
     return {'text_sum': aux['text_loss'] * aux['text_tokens'], 'text_tokens': aux['text_tokens'],
             'flow_sum': aux['flow_loss'] * aux['flow_tokens'], 'flow_tokens': aux['flow_tokens'],
-            'tokens': jnp.sum(batch['segment_ids'] > 0)}
+            'tokens': jnp.sum(batch.segment_ids_BT > 0)}
   return jax.jit(sums)
 
 
@@ -151,7 +151,7 @@ class HeldoutLoss:
         skipped.take(row)
       host = {k: np.stack([r[k] for r in batch]) for k in layout.FIELDS}
       placed = (sharding.global_batch(host, mesh, c.sharding_rules) if mesh is not None
-                else host)
+                else layout.Batch.from_rows(host))
       got = jax.device_get(self._fn(params, placed, jax.random.fold_in(key, b)))
       if not got['tokens']:  # every process has run out of records
         break

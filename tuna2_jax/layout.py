@@ -1,13 +1,21 @@
 """The packed row: what each token slot of a batch holds, and the attention mask it implies.
 
 Every row (data/sequence.py builds them) is a dict of arrays over T token slots, one entry per
-`SCHEMA` field; a batch stacks rows into [B, T, ...]. Rows keep every packed sample (segment)
-and every image span contiguous, with positions rising along the slots; padding has segment 0
-and sits after the samples (packed training rows) or before them (left-padded prompts,
-sequence.stack_left_padded).
+`SCHEMA` field; a batch stacks rows into [B, T, ...]. That {field: array} dict is the data
+pipeline's host and storage format; the model side (models/, objectives, flow, sampling,
+heldout, flops) takes a `Batch`, the same arrays as typed fields named with their shapes
+(`tokens_BT`, `patches_BTP`, ...). The training data become a Batch at one place,
+`sharding.global_batch`, which assembles a step's device batch from each process's host dict;
+code that builds rows itself (generate and understand's prompts, the held-out batches off a
+mesh, the benchmarks, tests) wraps them with `Batch.from_rows`, and so does trainer.StepStats for
+the host-side FLOP count (flops.py) of the same dict.
+
+Rows keep every packed sample (segment) and every image span contiguous, with positions rising
+along the slots; padding has segment 0 and sits after the samples (packed training rows) or
+before them (left-padded prompts, sequence.stack_left_padded).
 
 Attention sees a row through a `MaskInfo` (segment ids, positions, span ids of the queries or
-of the keys), built here from a batch (`row_info`, `patch_info`) or for a KV cache
+of the keys), built here from a Batch (`row_info`, `patch_info`) or for a KV cache
 (`cache_info`, `with_token`, `text_info`).
 
 Mask rule ("omni"): query i may attend key j iff both are in the same packed segment (segment
@@ -108,17 +116,17 @@ def trailing_shape(name: str, patch_size: int) -> tuple[int, ...]:
   return tuple(patch_size * patch_size * 3 if d == 'P' else d for d in SCHEMA[name].trailing)
 
 
-def take_slots(batch: dict, start: int, stop: int) -> dict:
-  """The per-token fields of a batch at slots [start, stop): [B, T, ...] -> [B, stop-start, ...]."""
-  return {k: v[:, start:stop] for k, v in batch.items() if k in FIELDS}
+def take_slots(batch: Batch, start: int, stop: int) -> Batch:
+  """A batch's slots [start, stop): every field [B, T, ...] -> [B, stop-start, ...]."""
+  return jax.tree.map(lambda v: v[:, start:stop], batch)
 
 
-def flow_targets_BT(batch: dict):
+def flow_targets_BT(batch: Batch):
   """The tokens the flow loss trains [B, T] bool: the patches of spans to be generated.
 
   The time token of a generated span is generated too (gen_mask) but predicts no pixels.
   """
-  return batch['gen_mask'] & batch['is_patch']
+  return batch.gen_mask_BT & batch.is_patch_BT
 
 
 # --- Mask descriptions -------------------------------------------------------------------------
@@ -146,16 +154,16 @@ class MaskInfo:
   span_ids: jax.Array
 
 
-def row_info(batch: dict) -> MaskInfo:
+def row_info(batch: Batch) -> MaskInfo:
   """The omni mask's description of a batch's rows [B, T] (decoder and flow head)."""
-  return MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
+  return MaskInfo(batch.segment_ids_BT, batch.positions_BT, batch.span_ids_BT)
 
 
-def patch_info(batch: dict) -> MaskInfo:
+def patch_info(batch: Batch) -> MaskInfo:
   """A batch's rows [B, T] with spans on the patch tokens only (time tokens are text to it):
   what the vision encoder attends over, under the 'span' kind each image's patches."""
-  return MaskInfo(batch['segment_ids'], batch['positions'],
-                  jnp.where(batch['is_patch'], batch['span_ids'], 0))
+  return MaskInfo(batch.segment_ids_BT, batch.positions_BT,
+                  jnp.where(batch.is_patch_BT, batch.span_ids_BT, 0))
 
 
 def image_info(valid_BT) -> MaskInfo:

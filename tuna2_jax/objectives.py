@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tuna2_jax import flow
+from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax.layout import flow_targets_BT
 
@@ -128,28 +129,28 @@ def _chunked_nll_bwd(res, g):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def sample_patch_drop(key, batch: dict, masking: ml_collections.ConfigDict,
+def sample_patch_drop(key, batch: layout.Batch, masking: ml_collections.ConfigDict,
                       active) -> jax.Array:
   """Masked patch tokens [B, T]: chosen samples (prob sample_prob) drop a U(0, max_ratio) share."""
   k_pick, k_ratio, k_tok = jax.random.split(key, 3)
-  seg, shape = batch['segment_ids'], batch['segment_ids'].shape
+  seg, shape = batch.segment_ids_BT, batch.segment_ids_BT.shape
   picked = flow.draw_per_group(k_pick, shape, seg,
                                lambda k, s: jax.random.uniform(k, s) < masking.sample_prob)
   ratio = flow.draw_per_group(k_ratio, shape, seg,
                               lambda k, s: jax.random.uniform(k, s, maxval=masking.max_ratio))
   drop = jax.random.uniform(k_tok, shape) < ratio
-  return batch['is_patch'] & picked & drop & active
+  return batch.is_patch_BT & picked & drop & active
 
 
 def masking_active(step, total_steps: int, masking: ml_collections.ConfigDict):
   return masking.enabled & (step >= int(masking.start_fraction * total_steps))
 
 
-def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDict):
+def compute_loss(model, batch: layout.Batch, key, step, config: ml_collections.ConfigDict):
   """Total = text_coeff * text + flow_coeff * flow, with the metrics beside it."""
   obj, flow_cfg = config.objective, config.flow
   k_t, k_noise, k_mask = jax.random.split(key, 3)
-  x_BTP = to_unit_range(batch['patches'])
+  x_BTP = to_unit_range(batch.patches_BTP)
   t_BT = flow.sample_timesteps(k_t, batch, flow_cfg)
   x_t_BTP, _ = flow.add_noise(k_noise, x_BTP, t_BT, flow_cfg.noise_scale)
   drop_BT = None
@@ -157,8 +158,8 @@ def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDic
     drop_BT = sample_patch_drop(k_mask, batch, config.masking,
                                 masking_active(step, config.total_steps, config.masking))
   hidden_BTD, x_hat_BTP = model(batch, x_t_BTP, t_BT, drop_BT)
-  text, n_text = text_loss(hidden_BTD, model.decoder.lm_head_weight(), batch['targets'],
-                           batch['loss_mask'])
+  text, n_text = text_loss(hidden_BTD, model.decoder.lm_head_weight(), batch.targets_BT,
+                           batch.loss_mask_BT)
   target_BT = flow_targets_BT(batch)
   m = config.model
   flow_term, n_flow = flow.flow_loss(

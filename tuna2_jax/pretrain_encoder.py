@@ -145,7 +145,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = metrics_lib.Progress(config.total_steps, start, enabled=writes_logs)
   key, total = jax.random.key(config.seed), config.total_steps  # the loss draws nothing
   for step in range(start + 1, total + 1):
-    state, aux = step_fn(state, sharding.global_batch(next(data_iter), mesh, rules), key)
+    state, aux = step_fn(state, sharding.global_arrays(next(data_iter), mesh, rules), key)
     if trainer.itstime(step, config.log_every, total):
       aux = {k: float(v) for k, v in jax.device_get(aux).items()}
       writer.write_scalars(step, aux)

@@ -5,12 +5,12 @@ holds the sampler around them: the time grid, Heun on all steps but the last, CF
 interval, the prompt cache.
 
 Both loops are single compiled programs (lax.fori_loop inside jit). Image rows are built by the
-caller with data/tasks.py prompts and stacked left-padded (data/sequence.py), so every row's
-image span sits at the same slots; with CFG the batch holds the conditional rows followed by
-as many unconditional (null-prompt) rows, run together as one batch. The prompt (text, and an
-editing source image) is clean and precedes the target, so its keys and values in the decoder
-and the flow head are computed once (the prompt cache) and each flow step runs only the
-target span's tokens against them.
+caller with data/tasks.py prompts, stacked left-padded (data/sequence.py) into a layout.Batch, so
+every row's image span sits at the same slots; with CFG the batch holds the conditional rows
+followed by as many unconditional (null-prompt) rows, run together as one batch. The prompt (text,
+and an editing source image) is clean and precedes the target, so its keys and values in the decoder
+and the flow head are computed once (the prompt cache) and each flow step runs only the target
+span's tokens against them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 
 from tuna2_jax import flow
 from tuna2_jax import objectives
-from tuna2_jax.layout import cache_info, row_info, text_info, with_token
+from tuna2_jax.layout import Batch, cache_info, row_info, take_slots, text_info, with_token
 from tuna2_jax.models.transformer import empty_kv_cache
 
 SAMPLERS = ('euler', 'heun')
@@ -73,7 +73,7 @@ def generated_slots(gen_mask_BT) -> tuple[int, int]:
   return start, stop
 
 
-def sample_images(model, batch: dict, key, flow_cfg: ml_collections.ConfigDict, *, steps: int,
+def sample_images(model, batch: Batch, key, flow_cfg: ml_collections.ConfigDict, *, steps: int,
                   sampler: str = 'euler', cfg_scale: float = 1.0,
                   cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_interval_open: bool = False,
                   prompt_cache: bool | None = None, noise_BTP: jax.Array | None = None,
@@ -96,7 +96,7 @@ def sample_images(model, batch: dict, key, flow_cfg: ml_collections.ConfigDict, 
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
   if prompt_cache is None:
     prompt_cache = hasattr(model, 'prefill')
-  span = generated_slots(batch['gen_mask']) if prompt_cache else None
+  span = generated_slots(batch.gen_mask_BT) if prompt_cache else None
   cfg = getattr(model, 'cfg', None)
   layout = (cfg.pixel_layout, cfg.patch_size) if cfg is not None else ('exact', 0)
   return _sample_images(model, batch, key, steps=steps, sampler=sampler,
@@ -109,17 +109,16 @@ def sample_images(model, batch: dict, key, flow_cfg: ml_collections.ConfigDict, 
 @functools.partial(nnx.jit, static_argnames=('steps', 'sampler', 'noise_scale', 't_eps',
                                              'cfg_scale', 'cfg_interval', 'cfg_interval_open',
                                              'span', 'layout', 'clip'))
-def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_scale: float,
+def _sample_images(model, batch: Batch, key, *, steps: int, sampler: str, noise_scale: float,
                    t_eps: float, cfg_scale: float, cfg_interval: tuple[float, float],
                    cfg_interval_open: bool, span: tuple[int, int] | None,
                    layout: tuple[str, int], noise_BTP: jax.Array | None,
                    clip: bool) -> jax.Array:
   """The sampler loop as one program; span = (start, stop) runs it on cached prompt slots."""
-  clean = objectives.to_unit_range(batch['patches'])
+  clean = objectives.to_unit_range(batch.patches_BTP)
   start, stop = span or (0, clean.shape[1])
-  gen = batch['gen_mask'][:, start:stop]
-  span_batch = ({k: batch[k][:, start:stop] for k in ('patch_grid', 'is_patch')}
-                if layout[0] == 'official' else None)
+  gen = batch.gen_mask_BT[:, start:stop]
+  span_batch = take_slots(batch, start, stop) if layout[0] == 'official' else None
   clean_span = clean[:, start:stop]
   caches = model.prefill(batch, start, stop) if span else None
   # Parameters travel in the loop carry: nnx rebuilds the model at the loop's trace level.
@@ -185,22 +184,22 @@ def _sample_token(logits_BV, key, temperature: float) -> jax.Array:
 
 @functools.partial(nnx.jit, static_argnames=('max_new_tokens', 'temperature', 'eos_id',
                                              'pad_id'))
-def decode_text(model, batch: dict, key, *, max_new_tokens: int, eos_id: int, pad_id: int,
+def decode_text(model, batch: Batch, key, *, max_new_tokens: int, eos_id: int, pad_id: int,
                 temperature: float = 0.0) -> jax.Array:
   """Greedy (temperature 0) or sampled continuation of left-padded prompts, with a KV cache.
 
   batch: prompts ending at the same slot (clean images, t = 1). Returns [B, max_new_tokens]
   token ids, pad_id after each row's EOS.
   """
-  b, length = batch['tokens'].shape
+  b, length = batch.tokens_BT.shape
   slots = length + max_new_tokens
   dec = model.decoder
   c = dec.cfg
   cache = empty_kv_cache(c.num_layers, b, slots, c.num_kv_heads, c.head_dim, dec.dtype)
   info = row_info(batch)
   kv_info = cache_info(info, max_new_tokens)
-  x = objectives.to_unit_range(batch['patches'])
-  h = model.embed(batch, x, jnp.ones(batch['tokens'].shape, jnp.float32))
+  x = objectives.to_unit_range(batch.patches_BTP)
+  h = model.embed(batch, x, jnp.ones(batch.tokens_BT.shape, jnp.float32))
   hidden, cache = dec(h, info, kv_info, cache)
   keys = jax.random.split(key, max_new_tokens)
   first = _sample_token(dec.logits(hidden[:, -1]), keys[0], temperature)

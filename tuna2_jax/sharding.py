@@ -25,6 +25,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tuna2_jax import layout
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 DCN_KEYS = tuple(f'dcn_{a}' for a in MESH_AXES)
 BATCH = 'batch'  # the logical axis of the batch dimension
@@ -267,15 +269,23 @@ def batch_shards(mesh: Mesh, rules=None) -> int:
   return math.prod(mesh.shape[a] for a in _axes_of(spec[0] if spec else None))
 
 
-def global_batch(local: dict, mesh: Mesh, rules=None) -> dict:
-  """Assembles each process's rows into global arrays split over the batch axes.
+def global_arrays(local, mesh: Mesh, rules=None):
+  """Assembles each process's rows of a batch (a pytree of [B/P, ...] host arrays) into global
+  arrays split over the batch axes.
 
   Process p holds rows [p * B/P, (p + 1) * B/P) of the global batch (data/pipeline.py), which
   are the rows of its devices as long as the batch axes lead the mesh (the default).
   """
   sharding = batch_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+                      local)
+
+
+def global_batch(local: dict, mesh: Mesh, rules=None) -> layout.Batch:
+  """The packed rows of a step as one global layout.Batch: `local` is this process's
+  {field: [B/P, T, ...]} dict as the data pipeline yields it (layout.FIELDS; other keys are
+  left out). The one place the pipeline's dict becomes the Batch the model side takes."""
+  return global_arrays(layout.Batch.from_rows(local), mesh, rules)
 
 
 def to_host(x) -> np.ndarray:

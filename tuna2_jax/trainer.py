@@ -29,11 +29,14 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tuna2_jax import checkpoint as ckpt_lib
+from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax.data import packing
 
-# (params, batch, key, step) -> (loss, aux metrics); key is already folded with the step.
-LossFn = Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+# (params, batch, key, step) -> (loss, aux metrics); key is already folded with the step. The
+# batch is a pytree of [B, ...] arrays: a layout.Batch (train.py) or caption pairs (a dict,
+# pretrain_encoder.py).
+LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 # --- step ------------------------------------------------------------------------------------
@@ -79,7 +82,7 @@ def microbatch_split(x_B, n: int):
   return x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:]).swapaxes(0, 1)
 
 
-def accumulate(loss_of: Callable, params, batch: dict, key, n: int) -> tuple[Any, dict]:
+def accumulate(loss_of: Callable, params, batch, key, n: int) -> tuple[Any, dict]:
   """(gradients, aux) of the mean of the n microbatches' losses, one microbatch at a time.
 
   Only one microbatch's activations are alive at once (a lax.scan), which is what it is for:
@@ -216,16 +219,17 @@ class Chrono:
 class StepStats:
   """Tokens, model FLOPs and skipped records of the steps since the last log, and their rates.
 
-  `add` takes one step's local batch (this process's rows): it hands the skipped-record counts
-  to packing.SkippedRecords (which removes them from the batch) and counts the step's tokens
-  and model FLOPs (step_flops(local), e.g. flops.train_step_flops) for every process: all
+  `add` takes one step's local batch (this process's rows, the data pipeline's dict): it hands
+  the skipped-record counts to packing.SkippedRecords (which removes them from the batch) and
+  counts the step's tokens and model FLOPs (step_flops of its rows as a layout.Batch, e.g.
+  flops.train_step_flops) for every process: all
   processes' rows have the same layout statistics, so local x process count. `log_figures`
   gives tokens_per_s, tflops_per_s_per_device, mfu (when the device's peak is known) and the
   skipped-record totals, and starts the next window; `checkpoint_figures` the totals a
   checkpoint keeps. Every process must call both at the same steps (the counts are gathered).
   """
 
-  def __init__(self, step_flops: Callable[[dict], float], *, process_count: int,
+  def __init__(self, step_flops: Callable[[layout.Batch], float], *, process_count: int,
                device_count: int, peak_flops: float | None, resumed: dict | None = None):
     self._step_flops = step_flops
     self._processes, self._devices, self._peak = process_count, device_count, peak_flops
@@ -236,7 +240,7 @@ class StepStats:
     """(tokens, model FLOPs) of the step, over all processes; the batch loses its counts."""
     self.skipped.take(local)
     tokens = float((local['segment_ids'] > 0).sum()) * self._processes
-    flops = self._step_flops(local) * self._processes
+    flops = self._step_flops(layout.Batch.from_rows(local)) * self._processes
     self._tokens += tokens
     self._flops += flops
     return tokens, flops

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from tuna2_jax import cli
+from tuna2_jax import layout
 from tuna2_jax import sampling
 from tuna2_jax import sharding
 from tuna2_jax import train_state
@@ -39,7 +40,8 @@ def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
   end = tasks.reply_end_id(tok)
   answers = []
   for i, (chunk, n) in enumerate(sampling.fixed_batches(prompts, config.eval.batch_size)):
-    batch = seq.stack_left_padded(chunk, patch_size=p, pad_id=tok.pad_id, length=length)
+    batch = layout.Batch.from_rows(
+        seq.stack_left_padded(chunk, patch_size=p, pad_id=tok.pad_id, length=length))
     out = sampling.decode_text(
         model, batch, jax.random.fold_in(key, i),
         max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,

@@ -45,27 +45,27 @@ def validate_head_config(cfg: ml_collections.ConfigDict) -> None:
                      f'expected one of {rope_lib.SCALINGS}')
 
 
-def head_rope(cfg: ml_collections.ConfigDict, batch: dict):
+def head_rope(cfg: ml_collections.ConfigDict, batch: layout.Batch):
   """The head's rope for a batch's slots: (cos, sin) tables when every token shares one
   convention (text and time tokens at their 1D position in every section, images at
   (start, start + row, start + col)), else a per-token rope_lib.HeadRope."""
-  pos3 = batch['pos3']
+  pos3 = batch.pos3_BT3
   if (cfg.text_rope == 'sectioned' and cfg.image_rope_origin == 'sample' and
       cfg.time_token_rope and cfg.text_rope_pairing == cfg.image_rope_pairing == 'half'):
     return rope_lib.rope_tables(pos3, cfg.head_dim, cfg.rope_theta, tuple(cfg.rope_split))
-  is_patch, is_time = batch['is_patch'], batch['is_time']
+  is_patch, is_time = batch.is_patch_BT, batch.is_time_BT
   if cfg.image_rope_origin == 'image':  # (0, row, col), restarting at every image
-    grid = batch['patch_grid']
+    grid = batch.patch_grid_BT4
     pos3 = jnp.where(is_patch[..., None],
                      jnp.stack([jnp.zeros_like(grid[..., 0]), grid[..., 0], grid[..., 1]], -1),
                      pos3)
   image = rope_lib.rope_angles(pos3, cfg.head_dim, cfg.rope_theta, tuple(cfg.rope_split))
   if cfg.text_rope == '1d':
     scaling = cfg.text_rope_scaling
-    text = rope_lib.rope_angles(batch['positions'], cfg.head_dim, cfg.text_rope_theta,
+    text = rope_lib.rope_angles(batch.positions_BT, cfg.head_dim, cfg.text_rope_theta,
                                 scaling=scaling)
   else:
-    text = rope_lib.rope_angles(batch['pos3'], cfg.head_dim, cfg.rope_theta,
+    text = rope_lib.rope_angles(batch.pos3_BT3, cfg.head_dim, cfg.rope_theta,
                                 tuple(cfg.rope_split))
   text_kind = jnp.where(is_time & (not cfg.time_token_rope), 0, 1)
   kind = jnp.where(is_patch, 2, text_kind).astype(jnp.int32)

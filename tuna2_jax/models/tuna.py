@@ -84,26 +84,26 @@ class Tuna(nnx.Module):
     embedder = self.time_token if self.head.time_embed is None else self.head.time_embed
     return embedder(t_BT)
 
-  def run_head(self, hidden_BTD, t_BT, batch: dict, q_info: layout.MaskInfo,
+  def run_head(self, hidden_BTD, t_BT, batch: layout.Batch, q_info: layout.MaskInfo,
                kv_info: layout.MaskInfo | None = None, cache: dict | None = None):
     """The flow head over a batch's slots: (x_hat [B, T, p*p*3], cache)."""
-    return self.head(hidden_BTD, self.head_condition(t_BT), batch['span_ids'] > 0,
+    return self.head(hidden_BTD, self.head_condition(t_BT), batch.span_ids_BT > 0,
                      head_rope(self.cfg.head, batch), q_info, kv_info, cache)
 
-  def embed(self, batch: dict, x_BTP: jax.Array, t_BT: jax.Array,
+  def embed(self, batch: layout.Batch, x_BTP: jax.Array, t_BT: jax.Array,
             drop_BT: jax.Array | None = None) -> jax.Array:
     """Input embeddings [B, T, D]: text ids, visual tokens at patches, t at time tokens.
 
     x_BTP: pixel blocks in [-1, 1] (noised at generation targets); t_BT: each token's image t.
     """
-    h_BTD = self.decoder.embed(batch['tokens'])
+    h_BTD = self.decoder.embed(batch.tokens_BT)
     v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT,
-                        patch_grid_BT4=batch['patch_grid'], info=layout.patch_info(batch))
-    h_BTD = jnp.where(batch['is_patch'][..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
+                        patch_grid_BT4=batch.patch_grid_BT4, info=layout.patch_info(batch))
+    h_BTD = jnp.where(batch.is_patch_BT[..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
     time_BTD = sharding.constrain(self.time_token(t_BT), RESIDUAL).astype(h_BTD.dtype)
-    return jnp.where(batch['is_time'][..., None], time_BTD, h_BTD)
+    return jnp.where(batch.is_time_BT[..., None], time_BTD, h_BTD)
 
-  def __call__(self, batch: dict, x_BTP: jax.Array, t_BT: jax.Array,
+  def __call__(self, batch: layout.Batch, x_BTP: jax.Array, t_BT: jax.Array,
                drop_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Training / full-sequence forward: (decoder hidden [B,T,D], x_hat [B,T,p*p*3])."""
     info = layout.row_info(batch)
@@ -114,7 +114,7 @@ class Tuna(nnx.Module):
     x_hat_BTP, _ = self.run_head(hidden_BTD, t_BT, batch, info)
     return hidden_BTD, x_hat_BTP
 
-  def prefill(self, batch: dict, length: int, slots_total: int) -> dict:
+  def prefill(self, batch: layout.Batch, length: int, slots_total: int) -> dict:
     """Decoder and head KV caches [L, B, slots_total, G, K] holding slots [0, length).
 
     The prefix is clean (t = 1) and, under the omni mask, cannot see anything after it, so its
@@ -123,9 +123,9 @@ class Tuna(nnx.Module):
     """
     pre = layout.take_slots(batch, 0, length)
     kv_info = layout.row_info(layout.take_slots(batch, 0, slots_total))
-    b = batch['tokens'].shape[0]
-    ones_BT = jnp.ones(pre['tokens'].shape, jnp.float32)
-    h_BTD = self.embed(pre, objectives.to_unit_range(pre['patches']), ones_BT)
+    b = batch.tokens_BT.shape[0]
+    ones_BT = jnp.ones(pre.tokens_BT.shape, jnp.float32)
+    h_BTD = self.embed(pre, objectives.to_unit_range(pre.patches_BTP), ones_BT)
     dec, head = self.decoder, self.head
     dec_cache = empty_kv_cache(dec.cfg.num_layers, b, slots_total, dec.cfg.num_kv_heads,
                                dec.cfg.head_dim, dec.dtype)
@@ -136,8 +136,8 @@ class Tuna(nnx.Module):
     _, head_cache = self.run_head(hidden_BTD, ones_BT, pre, pre_info, kv_info, head_cache)
     return {'decoder': dec_cache, 'head': head_cache}
 
-  def extend(self, batch: dict, x_BSP: jax.Array, t_BS: jax.Array, caches: dict, start: int,
-             stop: int) -> jax.Array:
+  def extend(self, batch: layout.Batch, x_BSP: jax.Array, t_BS: jax.Array, caches: dict,
+             start: int, stop: int) -> jax.Array:
     """x_hat [B, S, p*p*3] at slots [start, stop) on top of `prefill`'s caches of [0, start)."""
     suffix = layout.take_slots(batch, start, stop)
     q_info = layout.row_info(suffix)
