@@ -89,8 +89,7 @@ def test_encoder_checkpoint_round_trips_into_tuna_r_alignment(study_root):
   root, _, _ = study_root
   config = _arm('tuna_r_align', f'runlocal=True,root={root}')
   config.batch_size = jax.device_count()
-  config.update(total_steps=2, checkpoint_every=2, eval_every=2)
-  config.eval.metrics_every = 0
+  config.update(total_steps=2, checkpoint_every=2, eval_every=0)  # no samples needed
   workdir = str(root / 'tuna_r_align' / 'seed0')
   train.train(config, workdir)
   model, _, step = train_state.load_model(workdir, use_ema=False)

@@ -354,7 +354,7 @@ def _train_on_files(corpus, workdir, total_steps):
   c = _config(**corpus)
   c.batch_size = jax.device_count()
   c.optim.schedule = 'constant'  # the lr of a step does not depend on total_steps
-  c.update(total_steps=total_steps, log_every=1, checkpoint_every=2, eval_every=100)
+  c.update(total_steps=total_steps, log_every=1, checkpoint_every=2, eval_every=0)
   train.train(c, workdir)
   return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
 

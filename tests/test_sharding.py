@@ -24,7 +24,8 @@ def _config(**overrides):
   c = load_experiment('shapes', 'runlocal=True')
   c.batch_size = 8
   c.optim.schedule = 'constant'  # the lr of a step does not depend on total_steps
-  c.update(dict(total_steps=4, log_every=1, checkpoint_every=2), **overrides)
+  # No evaluation (samples, shapes metrics): these tests are about the step and its state.
+  c.update(dict(total_steps=4, log_every=1, checkpoint_every=2, eval_every=0), **overrides)
   return c
 
 
@@ -91,6 +92,7 @@ def test_resume_on_another_mesh_continues_the_losses(tmp_path, single_device_los
   assert [line['step'] for line in lines] == [1, 2, 3, 4]
   np.testing.assert_allclose([line['loss'] for line in lines], single_device_losses, rtol=1e-5)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert not os.path.exists(os.path.join(workdir, 'samples'))  # eval_every=0: no evaluation
 
 
 # --- refusals before any step, checkpoints untouched ---

@@ -231,7 +231,7 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.seq_len = 256
   c.log_every = 25
-  c.eval_every = 500
+  c.eval_every = 500  # evaluation and samples every so many steps and at the last; 0: never
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.model = model_cfg

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
-from tensorboardX import SummaryWriter
 
 from tuna2_jax import paths
 
@@ -101,6 +100,9 @@ class MetricsWriter:
     paths.register_tensorboard()
     # Appending: a resumed run continues the same file; steps may repeat after a restart.
     self._scalars = paths.AppendFile(paths.join(workdir, METRICS_FILE))
+    # Imported here: tensorboardX imports torch when it is installed (seconds), which a command
+    # that stops at a bad argument, or writes no logs, should not pay.
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self._tb = SummaryWriter(logdir=paths.join(workdir, TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:

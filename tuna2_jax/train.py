@@ -77,10 +77,12 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
                      f'{config.model.vocab_size}')
-  for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
-              'checkpoint_every', 'keep_checkpoints'):
+  for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
+              'keep_checkpoints'):
     if config[key] <= 0:
       raise ValueError(f'{key}={config[key]}: expected a positive integer')
+  if config.eval_every < 0:
+    raise ValueError(f'eval_every={config.eval_every}: expected 0 (no evaluation) or more')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
   # So does a stream none of whose first records can train (all skipped, or none fits seq_len).
