@@ -126,3 +126,34 @@ def test_microbatches_accumulate_the_mean_gradient():
   # Microbatch j holds rows j, j + n, ...: an even split of each device's block of rows.
   np.testing.assert_array_equal(trainer.microbatch_split(jnp.arange(8), 2), [[0, 2, 4, 6],
                                                                              [1, 3, 5, 7]])
+
+
+def test_frozen_parameters_are_not_differentiated():
+  """trained=...: the trained parameters take the same step as when every parameter is
+  differentiated and the optimizer zeroes the frozen ones; the frozen ones get no gradient."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+  params = {'w': jnp.asarray([0.5, -1.0, 2.0]), 'b': jnp.asarray(0.3)}
+
+  def loss_fn(p, batch, key, step):
+    del key, step
+    loss = jnp.mean((batch['x'] @ p['w'] + p['b'] - 1.0) ** 2)
+    return loss, {'loss': loss}
+
+  labels = {'w': 'train', 'b': 'freeze'}
+  tx = optax.multi_transform({'train': optax.sgd(0.1), 'freeze': optax.set_to_zero()}, labels)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params)}
+  lr = lambda step: 0.1
+  everything, _ = trainer.make_step(loss_fn, tx, lr)(state, {'x': x}, jax.random.key(0))
+  for n in (1, 2):
+    step = trainer.make_step(loss_fn, tx, lr, microbatches=n,
+                             trained={'w': True, 'b': False})
+    new, aux = jax.jit(step)(state, {'x': x}, jax.random.key(0))
+    np.testing.assert_allclose(new['params']['w'], everything['params']['w'], rtol=1e-6)
+    np.testing.assert_array_equal(new['params']['b'], params['b'])
+    w_grad = jax.grad(lambda w: loss_fn(dict(params, w=w), {'x': x}, None, None)[0])(params['w'])
+    np.testing.assert_allclose(aux['grad_norm'], jnp.linalg.norm(w_grad), rtol=1e-6)  # w's only

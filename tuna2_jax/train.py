@@ -111,7 +111,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
                            train_state.learning_rate(config.optim, config.total_steps),
                            ema_decay=config.optim.ema_decay, mesh=mesh,
                            rules=config.sharding_rules,
-                           microbatches=config.optim.get('microbatches', 1))
+                           microbatches=config.optim.get('microbatches', 1),
+                           trained=train_state.trained_mask(config))
 
 
 def setup(config: ml_collections.ConfigDict, mesh):

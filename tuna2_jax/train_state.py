@@ -45,6 +45,14 @@ def trainable_labels(params: nnx.State, pattern: str):
           '/'.join(str(getattr(k, 'key', k)) for k in path)) else 'freeze', params)
 
 
+def trained_mask(config: ml_collections.ConfigDict):
+  """True per trained parameter (optim.trainable's labels), None when every parameter trains."""
+  if not config.optim.trainable:
+    return None
+  labels = trainable_labels(abstract_model(config)[1], config.optim.trainable)
+  return jax.tree.map(lambda label: label == 'train', labels)
+
+
 def optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
   o = config.optim
   adamw = optax.adamw(learning_rate(o, config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,

@@ -43,34 +43,55 @@ LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
               learning_rate: optax.Schedule, *, ema_decay: float | None = None, mesh=None,
-              rules=(), microbatches: int = 1) -> Callable:
+              rules=(), microbatches: int = 1, trained=None) -> Callable:
   """(state, batch, key) -> (state, aux): one optimizer step, then the EMA update (ema_decay).
 
-  aux is the loss's metrics plus grad_norm and the step's lr. With a mesh, the model's
-  activation constraints (sharding.constrain) follow the rules table while the step is traced.
-  microbatches > 1: gradient accumulation (`accumulate`), one optimizer step per batch.
+  aux is the loss's metrics plus grad_norm (of the trained parameters) and the step's lr. With a
+  mesh, the model's activation constraints (sharding.constrain) follow the rules table while
+  the step is traced. microbatches > 1: gradient accumulation (`accumulate`), one optimizer
+  step per batch. trained: a pytree of bools shaped like the parameters (None: all trained);
+  the loss is differentiated with respect to the trained ones only, so frozen weights cost no
+  weight gradients (and no full-size gradient buffers); tx must leave the frozen ones as they
+  are (train_state.optimizer: set_to_zero), it gets zeros for them.
   """
 
   def step_fn(state, batch, key):
     with sharding.activation_sharding(mesh, rules):
       key = jax.random.fold_in(key, state['step'])
-      loss_of = lambda params, rows, k: loss_fn(params, rows, k, state['step'])
+      split = _Split(state['params'], trained)
+      loss_of = lambda diff, rows, k: loss_fn(split.join(diff), rows, k, state['step'])
       if microbatches == 1:
-        (_, aux), grads = jax.value_and_grad(
-            lambda params: loss_of(params, batch, key), has_aux=True)(state['params'])
+        (_, aux), diff_grads = jax.value_and_grad(
+            lambda diff: loss_of(diff, batch, key), has_aux=True)(split.trained)
       else:
-        grads, aux = accumulate(loss_of, state['params'], batch, key, microbatches)
+        diff_grads, aux = accumulate(loss_of, split.trained, batch, key, microbatches)
+      grads = split.join(diff_grads, frozen=[jnp.zeros_like(x) for x in split.frozen])
       updates, opt = tx.update(grads, state['opt'], state['params'])
       params = optax.apply_updates(state['params'], updates)
       new = {'step': state['step'] + 1, 'params': params, 'opt': opt}
       if ema_decay is not None:
         new['ema'] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                   state['ema'], params)
-      aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(grads),
+      aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(diff_grads),
                  lr=learning_rate(state['step']))
       return new, aux
 
   return step_fn
+
+
+class _Split:
+  """A parameter tree as (trained leaves, frozen leaves), and back (`join`)."""
+
+  def __init__(self, params, trained):
+    leaves, self._treedef = jax.tree.flatten(params)
+    self._flags = ([True] * len(leaves) if trained is None else
+                   [bool(f) for f in self._treedef.flatten_up_to(trained)])
+    self.trained = [x for x, f in zip(leaves, self._flags) if f]
+    self.frozen = [x for x, f in zip(leaves, self._flags) if not f]
+
+  def join(self, trained, frozen=None):
+    trained, frozen = iter(trained), iter(self.frozen if frozen is None else frozen)
+    return self._treedef.unflatten([next(trained) if f else next(frozen) for f in self._flags])
 
 
 def microbatch_split(x_B, n: int):
