@@ -25,6 +25,9 @@ if [[ ${#smoke[@]} -gt 0 ]]; then
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"  # no accelerator plugin probing on a CPU host
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# As launch/: XLA may take 92% of the GPU's memory (its default is 75%), which the train steps'
+# remat policies are sized for.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 # The single-GPU part of launch/slurm_gpu.sbatch's flags, command buffers at XLA's default (on).
 base_flags="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_enable_highest_priority_async_stream=true \

@@ -46,8 +46,14 @@ SIZES = {
                      '--iters=1'],
          'flow_head': ['--seq_lens=64', '--heads=4,2', '--head_dim=16', '--block=32,32',
                        '--iters=1']}),
-    'train': ({'tuna2': [f'--config={CONFIG}', '--seq_len=8192'],
-               'tuna_r': [f'--config={CONFIG}:vision=encoder', '--seq_len=8192']},
+    # The remat policy of each arm: the one with the least recompute that fits one 80 GB H100
+    # at one 8k row (compiled for h100-1 from a CPU host, docs/scaling.md): Tuna-2
+    # dots_no_batch 61.2 GiB (full 50.7, none 107.0: no fit); Tuna-R save_qkv_attn 67.7 GiB
+    # (full 66.0; dots_no_batch 71.2, 1.6 GiB short of the 72.8 GiB a 0.92 memory fraction
+    # leaves, too close).
+    'train': ({'tuna2': [f'--config={CONFIG}', '--seq_len=8192', '--remat=dots_no_batch'],
+               'tuna_r': [f'--config={CONFIG}:vision=encoder', '--seq_len=8192',
+                          '--remat=save_qkv_attn']},
               {'tuna2': [f'--config={CONFIG}:runlocal=True', '--seq_len=128', '--steps=1',
                          '--warmup=1'],
                'tuna_r': [f'--config={CONFIG}:runlocal=True,vision=encoder', '--seq_len=128',

@@ -9,9 +9,8 @@ tuna_r_7b_sft.py.
       --config.init_from=gs://BUCKET/tuna_r_7b_align
 
 Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64,
-4 rows of 16k tokens per chip in tuna2_7b.py's 2 microbatches, splash: peak 67.5 GiB per chip
-of 95.74 GiB (70.5%, fits within the 85% target), measured before the text loss's hand-written
-VJP, which took 46.7 GiB off tuna2_7b.py's figure.
+4 rows of 16k tokens per chip in tuna2_7b.py's 2 microbatches, splash: peak 47.5 GiB per chip
+of 95.74 GiB (49.6%, fits).
 """
 
 import os

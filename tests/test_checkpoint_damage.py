@@ -170,7 +170,7 @@ def test_full_disk_stops_before_writing(tmp_path, monkeypatch):
   message = str(err.value)
   nbytes = 24 * 4 + 6 * 2 + 4
   assert '\n' not in message and str(tmp_path) in message
-  assert f'has 100 bytes free' in message and f'about {nbytes} bytes' in message
+  assert 'has 100 bytes free' in message and f'about {nbytes} bytes' in message
   assert _tmp_folders(tmp_path) == []
 
 
