@@ -37,7 +37,11 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS
 XLA_FLAGS="$base_flags" "$python" benchmarks/suite.py "${smoke[@]}" --out "$tmp/main.json"
-XLA_FLAGS="$base_flags --xla_gpu_enable_command_buffer=" "$python" benchmarks/suite.py \
+# A CPU (--smoke) has no command buffers: the second pass keeps the first's flags there, so that
+# with JAX_COMPILATION_CACHE_DIR set it reuses the first pass's compiled step.
+off_flags="--xla_gpu_enable_command_buffer="
+if [[ ${#smoke[@]} -gt 0 ]]; then off_flags=""; fi
+XLA_FLAGS="$base_flags $off_flags" "$python" benchmarks/suite.py \
   "${smoke[@]}" --parts train --train tuna2 --tag no_command_buffer \
   --out "$tmp/no_command_buffer.json"
 "$python" benchmarks/suite.py --merge "$tmp/main.json" "$tmp/no_command_buffer.json" --out "$out"

@@ -62,7 +62,8 @@ def _snapshot(root: Path) -> dict:
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory) -> Path:
   path = tmp_path_factory.mktemp('run')
-  _ok(_run('train', f'--config={CONFIG}', f'--workdir={path}'))
+  # A checkpoint is all these tests need: no evaluation at the end of training.
+  _ok(_run('train', f'--config={CONFIG}', f'--workdir={path}', '--config.eval_every=0'))
   return path
 
 
