@@ -103,9 +103,10 @@ def _listing(root):
 
 @pytest.mark.parametrize('change, match', [
     (lambda c: c.mesh.update(data=1, fsdp=1, tensor=3), 'needs 3 devices but 8'),
-    (lambda c: c.mesh.update(data=1, fsdp=1, tensor=-1) or c.model.update(vocab_size=132),
-     r'decoder/embed/embedding.*\(132, 64\).*not divisible by mesh axes \(\'tensor\',\) of '
-     r'size 8'),
+    (lambda c: c.mesh.update(data=4, fsdp=1, tensor=2) or c.model.update(vocab_size=133),
+     r'decoder/embed/embedding.*\(133, 64\).*not divisible by mesh axes \(\'tensor\',\) of '
+     r'size 2'),
+
     (lambda c: c.update(sharding_rules=c.sharding_rules + (('mlp', 'model'),)),
      "names mesh axis 'model'"),
     (lambda c: c.model.decoder.update(width=96), 'does not match the model'),

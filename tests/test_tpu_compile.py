@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT as REPO, load_experiment
-from tuna2_jax import dry_run, topologies, train
+from tuna2_jax import dry_run, sharding, topologies, train
 
 
 def _tiny(mesh=None, batch_size=4):
@@ -43,6 +43,17 @@ def test_topology_table_names_the_slices():
 def test_bad_target_is_refused_naming_both_numbers(change, topology, match):
   with pytest.raises(ValueError, match=match):
     dry_run.check_target(_tiny(**change), topologies.get(topology), 1)
+
+
+def test_heads_that_splash_would_split_unevenly_are_refused_before_tracing():
+  """Splash runs per shard of the tensor axis: 2 key/value heads over tensor=4 is refused with
+  the counts named (dense attention, on the CPU, shards such heads unevenly and runs)."""
+  pytest.importorskip('libtpu', reason='libtpu is not installed (the tpu-aot extra)')
+  config = _tiny(dict(data=1, fsdp=1, tensor=4))
+  mesh = sharding.make_mesh(config.mesh, topologies.devices(topologies.get('v5p-8')))
+  with pytest.raises(ValueError, match=r"model.decoder.num_kv_heads=2 is not divisible by mesh "
+                                       r"axes \('tensor',\) of size 4 .* splash"):
+    train.setup(config, mesh)
 
 
 def test_multi_slice_mesh_and_batch_are_checked_over_all_slices():

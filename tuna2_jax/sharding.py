@@ -122,7 +122,8 @@ def check_rules(rules: Sequence[tuple[str, object]], mesh: Mesh) -> None:
                          f'the mesh has {mesh.axis_names}')
 
 
-def _axes_of(entry) -> tuple[str, ...]:
+def mesh_axes_of(entry) -> tuple[str, ...]:
+  """A rule's target (None, an axis name or several) as a tuple of mesh axis names."""
   if entry is None:
     return ()
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
@@ -135,7 +136,7 @@ def check_divisible(tree, shardings) -> None:
     if not isinstance(s, NamedSharding):
       continue
     for dim, entry in enumerate(s.spec):
-      axes = _axes_of(entry)
+      axes = mesh_axes_of(entry)
       n = math.prod(s.mesh.shape[a] for a in axes)
       if leaf.shape[dim] % n:
         name = jax.tree_util.keystr(path, simple=True, separator='/')
@@ -174,7 +175,7 @@ def replicated_fraction(tree, shardings, axis: str = 'fsdp') -> tuple[float, lis
   for (path, leaf), s in zip(leaves, jax.tree.leaves(shardings)):
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     total += nbytes
-    used = {a for entry in getattr(s, 'spec', ()) for a in _axes_of(entry)}
+    used = {a for entry in getattr(s, 'spec', ()) for a in mesh_axes_of(entry)}
     if axis not in used:
       kept.append((nbytes, jax.tree_util.keystr(path, simple=True, separator='/'),
                    tuple(leaf.shape)))
@@ -266,7 +267,7 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
 
 def batch_shards(mesh: Mesh, rules=None) -> int:
   spec = batch_sharding(mesh, rules).spec
-  return math.prod(mesh.shape[a] for a in _axes_of(spec[0] if spec else None))
+  return math.prod(mesh.shape[a] for a in mesh_axes_of(spec[0] if spec else None))
 
 
 def global_arrays(local, mesh: Mesh, rules=None):

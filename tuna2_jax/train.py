@@ -51,6 +51,7 @@ from tuna2_jax import trainer
 from tuna2_jax.convert import init_from
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
+from tuna2_jax.models import attention
 from tuna2_jax.models.tuna import validate_model_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -119,11 +120,13 @@ def setup(config: ml_collections.ConfigDict, mesh):
   """(graphdef, abstract state, shardings, jitted step) after every check of the layout.
 
   Raises ValueError (before anything is allocated) for a batch that does not split over the
-  mesh, a rule naming an unknown mesh axis, a mesh axis that does not divide the dimension it
-  splits, or too many parameter bytes left whole under an fsdp mesh.
+  mesh, head counts the tensor axes do not divide, a rule naming an unknown mesh axis, a mesh
+  axis that does not divide the dimension it splits, or too many parameter bytes left whole
+  under an fsdp mesh.
   """
   trainer.check_batch(config.batch_size, mesh, config.sharding_rules,
                       config.optim.get('microbatches', 1))
+  attention.check_kernel_sharding(config.model, mesh, config.sharding_rules)
   graphdef, _ = train_state.abstract_model(config)
   abstract, shardings = train_state.state_shardings(config, mesh)
   sharding.check_replication(abstract['params'], shardings['params'], mesh,

@@ -138,6 +138,36 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
   return order[-1]
 
 
+def check_kernel_sharding(model, mesh, rules) -> None:
+  """Raises ValueError when a blockwise kernel would run per shard (BLOCKWISE, on the mesh's
+  platform) over heads the tensor axes do not divide: the 'heads' / 'kv_heads' rules' mesh axes
+  must divide each block's query and key/value head counts.
+
+  Parameters hold heads flattened into their projections, so the layout checks cannot see this,
+  and the kernels' per-shard calls would fail mid-trace. Dense attention has no such limit.
+  """
+  import math  # pylint: disable=import-outside-toplevel
+  table = dict(rules or ())
+  backend = mesh.devices.flat[0].platform
+  for part in ('decoder', 'head', 'encoder'):
+    block = model.get(part)
+    if block is None or (part == 'encoder' and model.get('vision') != 'encoder'):
+      continue
+    head_dim = block.head_dim if 'head_dim' in block else block.width // block.num_heads
+    impl = resolve_impl(model.attention, dtype=jnp.dtype(model.dtype), head_dim=head_dim,
+                        self_attention=True, backend=backend)
+    if impl not in BLOCKWISE:
+      continue
+    for key, rule in (('num_heads', 'heads'), ('num_kv_heads', 'kv_heads')):
+      axes = sharding.mesh_axes_of(table.get(rule))
+      size = math.prod(mesh.shape[a] for a in axes)
+      count = block.get(key, block.num_heads)
+      if count % size:
+        raise ValueError(f'model.{part}.{key}={count} is not divisible by mesh axes {axes} of '
+                         f'size {size} (the {rule!r} sharding rule), which {impl} attention '
+                         'splits per shard')
+
+
 def attention(q_BTHK, k_BSGK, v_BSGK, q_info: layout.MaskInfo, kv_info: layout.MaskInfo, *,
               kind: str = 'omni', impl: str = 'dense') -> jax.Array:
   """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K].
