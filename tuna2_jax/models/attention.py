@@ -30,6 +30,7 @@ Naming a kernel the backend or call cannot use raises ValueError instead of fall
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,6 @@ def check_kernel_sharding(model, mesh, rules) -> None:
   Parameters hold heads flattened into their projections, so the layout checks cannot see this,
   and the kernels' per-shard calls would fail mid-trace. Dense attention has no such limit.
   """
-  import math  # pylint: disable=import-outside-toplevel
   table = dict(rules or ())
   backend = mesh.devices.flat[0].platform
   for part in ('decoder', 'head', 'encoder'):
