@@ -125,3 +125,12 @@ def test_bf16_runlocal_step_compiles_for_one_h100_with_omni_hopper():
   report = train.dry_run(config, topologies.devices(topology), topology)
   assert report['devices'] == 1 and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
   assert report['kernel_calls'] > 0 and report['fits']
+
+
+def test_the_dry_run_checks_the_step_without_tokenizer_or_data():
+  """A restore config names Hugging Face special tokens: training needs that tokenizer, its
+  dry run (validate_step) does not."""
+  config = load_experiment('tuna2_7b_restore')
+  train.validate_step(config)
+  with pytest.raises(ValueError, match='only a Hugging Face'):
+    train.validate(config)

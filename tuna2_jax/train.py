@@ -71,13 +71,10 @@ _DRY_RUN_STEP_TIME = flags.DEFINE_float('dry_run_step_time', None, 'With --dry_r
                                         'time in seconds at which to report the MFU.')
 
 
-def validate(config: ml_collections.ConfigDict) -> Tokenizer:
-  """Raises for a config that cannot train; returns the run's tokenizer."""
+def validate_step(config: ml_collections.ConfigDict) -> None:
+  """Raises for a config whose train step cannot be built (what a dry run needs: no tokenizer,
+  no data)."""
   validate_model_config(config.model, config.data.image_size)
-  tok = Tokenizer.for_config(config)  # raises for a pretrained decoder without its tokenizer
-  if tok.vocab_size > config.model.vocab_size:
-    raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
-                     f'{config.model.vocab_size}')
   for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
               'keep_checkpoints'):
     if config[key] <= 0:
@@ -85,6 +82,15 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
   if config.eval_every < 0:
     raise ValueError(f'eval_every={config.eval_every}: expected 0 (no evaluation) or more')
   train_state.learning_rate(config.optim, config.total_steps)  # raises on an unknown schedule
+
+
+def validate(config: ml_collections.ConfigDict) -> Tokenizer:
+  """Raises for a config that cannot train; returns the run's tokenizer."""
+  validate_step(config)
+  tok = Tokenizer.for_config(config)  # raises for a pretrained decoder without its tokenizer
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f'the tokenizer has {tok.vocab_size} tokens but model.vocab_size='
+                     f'{config.model.vocab_size}')
   pipeline.check_data(config)  # a missing data source stops the run here, before any state
   # So does a stream none of whose first records can train (all skipped, or none fits seq_len).
   pipeline.check_streams(config, tok, process_index=jax.process_index(),
@@ -141,8 +147,9 @@ def dry_run(config: ml_collections.ConfigDict, devices=None,
             topology: topologies.Topology | None = None,
             step_time_s: float | None = None) -> dict:
   """Compiles the train step for config's mesh over `devices` (default: jax's) on abstract
-  inputs; returns the memory report, with HBM and fit for a TPU topology's devices."""
-  validate(config)
+  inputs; returns the memory report, with HBM and fit for a TPU topology's devices. Neither the
+  tokenizer nor the data is needed (validate_step)."""
+  validate_step(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   _, abstract, shardings, step_fn = setup(config, mesh)
   report = dry_run_lib.memory_report(step_fn, abstract, shardings,
