@@ -20,6 +20,9 @@ layout and vocabulary (151669 rows: Qwen2.5's 151665 tokens and the official [PA
 mask token (DeTok) draws a ratio from U(-0.7, 0.3) and masks when it is positive: here 0.3 of
 the samples, ratio up to 0.3, from the first step.
 
+Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): tuna2_7b.py's
+batch, 2 microbatches and mesh, peak 43.7 GiB per chip of 95.74 GiB (45.6%, fits).
+
 Args: runlocal=True shrinks it for a smoke run with the same structure.
 """
 
