@@ -87,6 +87,10 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
+  max_spans = getattr(model, 'max_spans', None)
+  if max_spans is not None and int(np.max(batch['span_ids'], initial=0)) > max_spans:
+    raise ValueError(f'a row holds {int(np.max(batch["span_ids"]))} image spans, more than '
+                     f'model.max_spans={max_spans}')
   if prompt_cache is None:
     prompt_cache = hasattr(model, 'prefill')
   span = generated_slots(batch['gen_mask']) if prompt_cache else None
