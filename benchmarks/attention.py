@@ -15,7 +15,7 @@ float32 (output, and q/k/v grads for a random cotangent); a mismatch prints MISM
 script exits 1. Throughput is useful attention FLOP/s: 4 * heads * head_dim per (query, visible
 key) pair forward, with the backward pass counted as 2.5 times the forward (five matmuls against
 two), for both kernels alike; the omni row's visible pairs are counted from its mask
-(flops.attended_keys), causal's as T (T + 1) / 2. The last column is the omni kernel's share of
+(layout.attended_keys_BT), causal's as T (T + 1) / 2. The last column is the omni kernel's share of
 the causal kernel's throughput at the same length. On CPU the baseline is skipped and the omni
 kernel runs in Pallas interpret mode (a correctness smoke run, not a speed figure).
 """
@@ -34,10 +34,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.packed_batch import device_line, packed_batch  # noqa: E402
-from tuna2_jax import config_lib, flops  # noqa: E402
+from tuna2_jax import config_lib  # noqa: E402
 from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash  # noqa: E402
+from tuna2_jax.layout import attended_keys_BT, omni_mask_BTS, row_info, text_info  # noqa: E402
 from tuna2_jax.models import attention as attn_lib  # noqa: E402
-from tuna2_jax.models.attention import MaskInfo  # noqa: E402
 
 BACKWARD_FACTOR = 2.5
 
@@ -64,7 +64,7 @@ def fwd_and_grad(attend):
 def check_against_dense(attend, q, k, v, info, out_tol=2e-2, grad_tol=5e-2) -> dict:
   """The kernel's output and q/k/v grads (random cotangent) against dense attention in float32
   on the kernel's own bfloat16 inputs; queries without keys are left out of the output error."""
-  mask = attn_lib.omni_mask(info, info)
+  mask = omni_mask_BTS(info, info)
   live = mask.any(-1)[..., None, None]
   w = jax.random.normal(jax.random.key(0), q.shape, jnp.float32) * live
   dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
@@ -128,8 +128,8 @@ def main(argv=None) -> list[dict]:
     if baseline is None:
       config.data.image_size = min(config.data.image_size, 64)
     layout = packed_batch(config, batch_size=1, seq_len=t, seed=t)
-    info = MaskInfo(*(jnp.asarray(layout[k]) for k in ('segment_ids', 'positions', 'span_ids')))
-    omni_pairs = float(flops.attended_keys(layout['segment_ids'], layout['span_ids']).sum())
+    info = jax.tree.map(jnp.asarray, row_info(layout))
+    omni_pairs = float(attended_keys_BT(layout['segment_ids'], layout['span_ids']).sum())
     causal_pairs = t * (t + 1) / 2
     kq, kk, kv = jax.random.split(jax.random.key(t), 3)
     q = jax.random.normal(kq, (1, t, h, d), jnp.bfloat16)
@@ -147,8 +147,7 @@ def main(argv=None) -> list[dict]:
       causal = fwd_and_grad(lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, implementation='cudnn'))
     elif baseline:  # one unpacked text row: splash's causal kernel and nothing else
-      text = MaskInfo(jnp.ones((1, t), jnp.int32), jnp.arange(t)[None],
-                      jnp.zeros((1, t), jnp.int32))
+      text = text_info(jnp.ones((1, t), jnp.int32), jnp.arange(t)[None])
       causal = fwd_and_grad(lambda q, k, v: omni_splash.omni_splash_attention(
           q, k, v, text, block=block_q))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from tuna2_jax import layout
 from tuna2_jax.data import sequence as seq
 
 IMG_ID, PAD_ID = 5, 0
@@ -50,7 +51,7 @@ def packed_batch(config: ml_collections.ConfigDict, *, batch_size: int | None = 
       samples.append(s)
       used += len(s['tokens'])
     rows.append(seq.pack(samples, t, patch_size=p, pad_id=PAD_ID))
-  return {k: np.stack([r[k] for r in rows]) for k in seq.FIELDS}
+  return {k: np.stack([r[k] for r in rows]) for k in layout.FIELDS}
 
 
 def device_line() -> str:

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_experiment, perturbed_params
-from tuna2_jax import objectives, train_state
+from tuna2_jax import layout, objectives, train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models import rope as rope_lib
@@ -35,7 +35,7 @@ def _random_rows(seed: int, rows: int = 3, patch_size: int = 2) -> dict:
              for _ in range(rows)]
   seq_len = max(sum(len(s['tokens']) for s in row) for row in samples) + int(rng.integers(0, 5))
   packed = [seq.pack(row, seq_len, patch_size=patch_size, pad_id=PAD_ID) for row in samples]
-  return {k: np.stack([r[k] for r in packed]) for k in seq.FIELDS}
+  return {k: np.stack([r[k] for r in packed]) for k in layout.FIELDS}
 
 
 def _brute_force_mask(segment_ids, span_ids, kind: str) -> np.ndarray:
@@ -56,11 +56,11 @@ def _brute_force_mask(segment_ids, span_ids, kind: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize('seed', range(5))
-@pytest.mark.parametrize('kind', attn_lib.KINDS)
+@pytest.mark.parametrize('kind', layout.KINDS)
 def test_omni_mask_matches_brute_force_on_packed_rows(seed, kind):
   batch = _random_rows(seed)
-  info = attn_lib.MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
-  got = np.asarray(attn_lib.omni_mask(info, info, kind))
+  info = layout.row_info(batch)
+  got = np.asarray(layout.omni_mask_BTS(info, info, kind))
   want = _brute_force_mask(batch['segment_ids'], batch['span_ids'], kind)
   np.testing.assert_array_equal(got, want)
   if seed == 0:  # the layouts exercise what the rule distinguishes
@@ -73,16 +73,16 @@ def test_omni_mask_on_left_padded_rows():
   samples = [_random_sample(rng, 2) for _ in range(4)]
   batch = seq.stack_left_padded(samples, patch_size=2, pad_id=PAD_ID)
   assert (batch['segment_ids'][:, 0] == 0).any()  # at least one row really is left-padded
-  info = attn_lib.MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
-  for kind in attn_lib.KINDS:
-    np.testing.assert_array_equal(np.asarray(attn_lib.omni_mask(info, info, kind)),
+  info = layout.row_info(batch)
+  for kind in layout.KINDS:
+    np.testing.assert_array_equal(np.asarray(layout.omni_mask_BTS(info, info, kind)),
                                   _brute_force_mask(batch['segment_ids'], batch['span_ids'], kind))
 
 
 def test_unknown_mask_kind_is_rejected():
-  info = attn_lib.MaskInfo(*(np.ones((1, 2), np.int32),) * 3)
+  info = layout.MaskInfo(*(np.ones((1, 2), np.int32),) * 3)
   with pytest.raises(ValueError, match='causal'):
-    attn_lib.omni_mask(info, info, 'causal')
+    layout.omni_mask_BTS(info, info, 'causal')
 
 
 def _naive_attention(q, k, v, mask):

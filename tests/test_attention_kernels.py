@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 
 from test_attention import PAD_ID, _brute_force_mask, _random_rows, packed_pair
+from tuna2_jax import layout
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash
 from tuna2_jax.models import attention as attn_lib
 
 
-def _info(rows) -> attn_lib.MaskInfo:
-  return attn_lib.MaskInfo(jnp.asarray(rows['segment_ids']), jnp.asarray(rows['positions']),
-                           jnp.asarray(rows['span_ids']))
+def _info(rows) -> layout.MaskInfo:
+  return jax.tree.map(jnp.asarray, layout.row_info(rows))
 
 
 @pytest.mark.parametrize('seed', range(3))
-@pytest.mark.parametrize('kind', attn_lib.KINDS)
+@pytest.mark.parametrize('kind', layout.KINDS)
 def test_key_bounds_are_the_omni_mask(seed, kind):
   rows = _random_rows(seed, rows=4)
-  lo, hi = map(np.asarray, omni_flash.key_bounds(_info(rows), kind))
+  lo, hi = map(np.asarray, layout.key_bounds_BT(_info(rows), kind))
   j = np.arange(lo.shape[1])
   interval = (j[None, None] >= lo[..., None]) & (j[None, None] <= hi[..., None])
   np.testing.assert_array_equal(interval, _brute_force_mask(rows['segment_ids'],
@@ -40,7 +40,7 @@ def _check_against_dense(attend, rows, kind, heads, head_dim=16, atol=(2e-5, 5e-
   info = _info(rows)
   b, t = rows['segment_ids'].shape
   q, k, v = _qkv(t, b, t, *heads, head_dim)
-  mask = attn_lib.omni_mask(info, info, kind)
+  mask = layout.omni_mask_BTS(info, info, kind)
   live = np.asarray(mask.any(-1))  # rows with no keys are padding: the kernels return zeros
   w = jax.random.normal(jax.random.key(100), q.shape) * live[..., None, None]
   dense = lambda q, k, v: attn_lib.dense_attention(q, k, v, mask)
@@ -69,7 +69,7 @@ def test_omni_flash_bfloat16_close_to_float32_reference():
   info = _info(rows)
   b, t = rows['segment_ids'].shape
   q, k, v = _qkv(7, b, t, 4, 2, 32)
-  mask = attn_lib.omni_mask(info, info, 'omni')
+  mask = layout.omni_mask_BTS(info, info, 'omni')
   live = np.asarray(mask.any(-1))
   ref = attn_lib.dense_attention(q, k, v, mask)
   bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
@@ -83,7 +83,7 @@ def test_entry_point_runs_the_named_kernel_through_the_model_layer():
   info = _info(rows)
   b, t = rows['segment_ids'].shape
   q, k, v = _qkv(3, b, t, 4, 2, 16)
-  live = np.asarray(attn_lib.omni_mask(info, info).any(-1))
+  live = np.asarray(layout.omni_mask_BTS(info, info).any(-1))
   dense = attn_lib.attention(q, k, v, info, info, impl='dense')
   flash = attn_lib.attention(q, k, v, info, info, impl='omni_flash')
   np.testing.assert_allclose(np.asarray(flash)[live], np.asarray(dense)[live], atol=2e-5)
@@ -160,7 +160,7 @@ def test_tile_ranges_split_reached_tiles_into_edges_and_interior(seed):
   b, t = rows['segment_ids'].shape
   pad = (-t) % block
   rows = {k: np.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for k, v in rows.items()}
-  lo, hi = omni_flash.key_bounds(_info(rows))
+  lo, hi = layout.key_bounds_BT(_info(rows))
   q_ranges, k_ranges = map(np.asarray, omni_hopper.tile_ranges(lo, hi, block))
   mask = _brute_force_mask(rows['segment_ids'], rows['span_ids'], 'omni')
   n = (t + pad) // block
@@ -191,7 +191,7 @@ def _hopper_row() -> dict:
                         patch_size=2)
 
   row = seq.pack([sample((9, 10), 40), sample((3, 3), 7)], 180, patch_size=2, pad_id=PAD_ID)
-  return {k: row[k][None] for k in seq.FIELDS}
+  return {k: row[k][None] for k in layout.FIELDS}
 
 
 def test_omni_hopper_matches_dense_values_and_grads():
@@ -199,7 +199,7 @@ def test_omni_hopper_matches_dense_values_and_grads():
   from benchmarks.attention import check_against_dense
   rows = _hopper_row()
   info = _info(rows)
-  lo, hi = omni_flash.key_bounds(info)
+  lo, hi = layout.key_bounds_BT(info)
   t = rows['segment_ids'].shape[1]
   lo = jnp.pad(lo, ((0, 0), (0, 192 - t)), constant_values=192)
   hi = jnp.pad(hi, ((0, 0), (0, 192 - t)), constant_values=-1)
@@ -237,7 +237,7 @@ def _long_rows(seed: int) -> dict:
 
   samples = [[sample([(12, 12)]), sample([(3, 5)])], [sample([(4, 4), (6, 9)])], [sample([])]]
   packed = [seq.pack(row, 260, patch_size=2, pad_id=PAD_ID) for row in samples]
-  return {k: np.stack([r[k] for r in packed]) for k in seq.FIELDS}
+  return {k: np.stack([r[k] for r in packed]) for k in layout.FIELDS}
 
 
 @pytest.mark.parametrize('kind,heads', [('omni', (4, 2)), ('span', (2, 2))])
@@ -245,7 +245,7 @@ def test_omni_splash_matches_dense_values_and_grads(kind, heads):
   """Blocks of 128: the row pads to 384, the bands compiled are 128, 256 and 512 wide, and the
   12 x 12 span needs the 256 one (a 128 band would drop keys)."""
   rows = _long_rows(0)
-  lo, hi = omni_flash.key_bounds(_info(rows), kind)
+  lo, hi = layout.key_bounds_BT(_info(rows), kind)
   reach = np.asarray(hi - (lo if kind == 'span' else jnp.arange(260)))
   assert 128 < reach.max() <= 256
   assert omni_splash.band_widths(384, 128) == (128, 256, 512)
@@ -291,7 +291,7 @@ def _production_call(t=2048, heads=(12, 2), d=128):
   """A tuna2_1_5b-shaped bf16 call: one row with a text prefix and a 1025-token image span."""
   span = np.zeros((1, t), np.int32)
   span[0, 100:1125] = 1
-  info = attn_lib.MaskInfo(jnp.ones((1, t), jnp.int32), jnp.arange(t)[None], jnp.asarray(span))
+  info = layout.MaskInfo(jnp.ones((1, t), jnp.int32), jnp.arange(t)[None], jnp.asarray(span))
   q = jnp.zeros((1, t, heads[0], d), jnp.bfloat16)
   kv = jnp.zeros((1, t, heads[1], d), jnp.bfloat16)
   return info, q, kv

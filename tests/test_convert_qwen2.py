@@ -16,7 +16,7 @@ from conftest import load_experiment
 from tuna2_jax import train_state
 from tuna2_jax.convert import hf_folder, qwen2
 from tuna2_jax.convert.hf_folder import ConversionError
-from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.layout import text_info
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -59,9 +59,8 @@ def load_ours(path, vocab_size=VOCAB):
 
 
 def _info(b, t, offset=0):
-  return MaskInfo(jnp.ones((b, t), jnp.int32),
-                  jnp.broadcast_to(jnp.arange(offset, offset + t, dtype=jnp.int32), (b, t)),
-                  jnp.zeros((b, t), jnp.int32))
+  return text_info(jnp.ones((b, t), jnp.int32),
+                   jnp.broadcast_to(jnp.arange(offset, offset + t, dtype=jnp.int32), (b, t)))
 
 
 @pytest.mark.parametrize('shape', sorted(SHAPES))

@@ -17,7 +17,7 @@ from tuna2_jax import train_state  # noqa: F401  (parameters carry logical axes,
 from tuna2_jax.convert import hf_folder, siglip2
 from tuna2_jax.convert.hf_folder import ConversionError
 from tuna2_jax.data import sequence as seq
-from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.layout import image_info
 from tuna2_jax.models.vision_encoder import VisionEncoder, grid_positions
 
 torch = pytest.importorskip('torch')
@@ -73,8 +73,7 @@ def _features(enc, x_BNP, grids, length):
   for i, (gh, gw) in enumerate(grids):
     grid_BN4[i, :gh * gw] = _grid_BT4(gh, gw)[0]
     valid_BN[i, :gh * gw] = 1
-  info = MaskInfo(jnp.asarray(valid_BN), jnp.broadcast_to(jnp.arange(length), (b, length)),
-                  jnp.asarray(valid_BN))
+  info = image_info(jnp.asarray(valid_BN))
   return np.asarray(enc.features(jnp.asarray(x_BNP), patch_grid_BT4=jnp.asarray(grid_BN4),
                                  info=info))
 

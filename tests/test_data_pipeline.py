@@ -21,6 +21,7 @@ from tuna2_jax import objectives, train, train_state
 from tuna2_jax.data import convert, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
+from tuna2_jax.layout import FIELDS, TASK_IDS
 
 P = 16
 
@@ -60,7 +61,7 @@ def _segments(row):
   for s in range(1, int(row['segment_ids'].max()) + 1):
     idx = np.flatnonzero(row['segment_ids'] == s)
     assert (np.diff(idx) == 1).all(), 'a segment is not contiguous'
-    out.append({k: row[k][idx] for k in seq.FIELDS})
+    out.append({k: row[k][idx] for k in FIELDS})
   return out
 
 
@@ -146,7 +147,7 @@ def test_packed_per_sample_losses_equal_the_unpacked_ones():
     return row, t, e
 
   rows = [layout(range(len(samples)))] + [layout([i]) for i in range(len(samples))]
-  batch = {k: jnp.asarray(np.stack([r[0][k] for r in rows])) for k in seq.FIELDS}
+  batch = {k: jnp.asarray(np.stack([r[0][k] for r in rows])) for k in FIELDS}
   t = jnp.asarray(np.stack([r[1] for r in rows]))
   e = jnp.asarray(np.stack([r[2] for r in rows]))
   x = objectives.to_unit_range(batch['patches'])
@@ -194,7 +195,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
     assert len(np.unique(t[idx])) == 1  # the time token and every patch of the span
     if packed['gen_mask'][idx].all():
       assert 0 < t[idx][0] < 1
-    elif packed['task'][idx][0] == seq.TASK_IDS['mmu']:
+    elif packed['task'][idx][0] == TASK_IDS['mmu']:
       assert 1 - config.objective.mmu_noisy_max <= t[idx][0] < 1
     else:
       assert t[idx][0] == 1  # an editing source stays clean
@@ -236,7 +237,7 @@ def test_mixture_shares_match_the_weights(tmp_path, tok):
   n = 10_000
   counts = collections.Counter(int(mixed[i]['task'][0]) for i in range(n))
   for task, want in c.data.weights.items():  # a stream that never shows up fails here too
-    got = counts[seq.TASK_IDS[task]] / n
+    got = counts[TASK_IDS[task]] / n
     assert abs(got - want) < 0.01, (task, got, want)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import fake_data
 from conftest import load_experiment
-from tuna2_jax import cli
+from tuna2_jax import cli, layout
 from tuna2_jax.data import convert, images, packing, pipeline, records, sources, tasks
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -323,7 +323,7 @@ def test_a_stream_that_skips_every_record_stops_the_run(tmp_path, tok):
 def test_the_packer_names_a_stream_that_skips_every_record_mid_run():
   sample = seq.assemble([seq.Text([2, 9, 3])], 'mmu', img_id=6, patch_size=16)
   # The t2i stream (task id 1) only ever skips; the mmu stream's samples do not reset it.
-  elements = [packing.fault_marker('bad_image', seq.TASK_IDS['t2i'])] * 3 + [sample] * 2
+  elements = [packing.fault_marker('bad_image', layout.TASK_IDS['t2i'])] * 3 + [sample] * 2
   ds = packing.FirstFitPackIterDataset(
       grain.MapDataset.source(elements).repeat().to_iter_dataset(), seq_len=8, num_bins=1,
       patch_size=16, pad_id=0, max_consecutive_faults=7, stream_names={'t2i': "data.t2i='x'"})

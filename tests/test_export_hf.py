@@ -14,7 +14,7 @@ from conftest import load_experiment, perturbed_params
 from tuna2_jax import train_state
 from tuna2_jax.convert import export, hf_folder, qwen2
 from tuna2_jax.convert.hf_folder import ConversionError
-from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.layout import text_info
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -28,8 +28,7 @@ def _model(tied: bool):
 
 def _our_logits(model, ids_BT):
   b, t = ids_BT.shape
-  info = MaskInfo(jnp.ones((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t)),
-                  jnp.zeros((b, t), jnp.int32))
+  info = text_info(jnp.ones((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t)))
   dec = model.decoder
   hidden, _ = dec(dec.embed(jnp.asarray(ids_BT)), info)
   return np.asarray(dec.logits(hidden))

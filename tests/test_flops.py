@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import load_experiment
 from test_attention import _brute_force_mask, _random_rows
-from tuna2_jax import flops, objectives, train_state
+from tuna2_jax import flops, layout, objectives, train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.models.transformer import REMAT_POLICIES
 
@@ -22,7 +22,7 @@ def test_attended_keys_count_the_brute_force_mask(seed, kind):
   if kind == 'span':  # the vision encoder's mask: patches see the patches of their image
     span_ids = np.where(batch['is_patch'], span_ids, 0)
   want = _brute_force_mask(batch['segment_ids'], span_ids, kind).sum(-1)
-  got = flops.attended_keys(batch['segment_ids'], span_ids, kind)
+  got = layout.attended_keys_BT(batch['segment_ids'], span_ids, kind)
   if kind == 'span':
     want = np.where(span_ids > 0, want, 0)
   np.testing.assert_array_equal(got, want)

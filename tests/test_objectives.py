@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_experiment
-from tuna2_jax import objectives, train_state
+from tuna2_jax import layout, objectives, train_state
 from tuna2_jax.data import sequence as seq
 
 
@@ -149,8 +149,8 @@ def test_noisy_understanding_images_stay_near_clean():
   batch = _span_rows(100, seed=2)
   t = np.asarray(objectives.sample_timesteps(
       jax.random.key(2), batch, _objective(mmu_noisy_prob=0.5, mmu_noisy_max=0.1)))
-  mmu = (batch['task'] == seq.TASK_IDS['mmu']) & batch['is_time']
-  edit_source = (batch['task'] == seq.TASK_IDS['edit']) & batch['is_time'] & ~batch['gen_mask']
+  mmu = (batch['task'] == layout.TASK_IDS['mmu']) & batch['is_time']
+  edit_source = (batch['task'] == layout.TASK_IDS['edit']) & batch['is_time'] & ~batch['gen_mask']
   assert np.all(t[edit_source] == 1.0)  # only understanding images are noised
   noisy = t[mmu] < 1.0
   assert 0.3 < noisy.mean() < 0.7

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tuna2_jax import config_lib, objectives, sampling
+from tuna2_jax import config_lib, layout, objectives, sampling
 from tuna2_jax.convert import hf_folder, tuna2
 from tuna2_jax.data import sequence as seq
-from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models import rope as rope_lib
 from tuna2_jax.models.flow_head import FlowHead, HeadBlock, head_rope
 from tuna2_jax.models.patch_embed import PatchEmbed
@@ -159,7 +158,7 @@ def run_block(d: dict, params: dict, head_cfg, grid: int = 4):
   load_params(block, params, tuna2.plan(model_config(head_cfg)), 'head/blocks/',
               'diffusion_head_a.0.')
   batch, c = block_inputs(d, grid)
-  info = attn_lib.MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
+  info = layout.row_info(batch)
   rope = head_rope(head_cfg, batch)
   out, _ = block(jnp.asarray(d['hidden_states']), c, batch['span_ids'], rope, info, info, None)
   return np.asarray(out), block, batch, c, rope, info
@@ -169,7 +168,7 @@ def test_flow_block_matches_official():
   d = ref('flow_block')
   out, block, batch, c, rope, info = run_block(d, d, official_head())
   # The omni mask is the official one, and q after projection, q/k-norm and rope too.
-  np.testing.assert_array_equal(attn_lib.omni_mask(info, info), d['attention_mask_bool'])
+  np.testing.assert_array_equal(layout.omni_mask_BTS(info, info), d['attention_mask_bool'])
   c_BTD = jnp.take_along_axis(c, batch['span_ids'][..., None], axis=1)
   mods = jnp.split(block.ada(jax.nn.silu(c_BTD)), 6, axis=-1)
   keep = (batch['span_ids'] > 0)[..., None]
@@ -259,7 +258,7 @@ def jit_loss_batch(d: dict):
     pieces = [seq.Text(tok[r, :5].tolist()), seq.Image(image, generate=True),
               seq.Text(tok[r, 9:].tolist())]
     rows.append(seq.assemble(pieces, 't2i', img_id=54, patch_size=16, pixel_layout='official'))
-  return {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in seq.FIELDS}
+  return {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in layout.FIELDS}
 
 
 def test_jit_noising_and_loss_match_official():
@@ -298,9 +297,8 @@ def test_omni_mask_matches_official():
   spans = [[tuple(map(int, s)) for s in row if s[0] >= 0 and s[1] > 0]
            for row in d['modality_positions']]
   batch = span_batch(length, spans, grid=2)
-  info = attn_lib.MaskInfo(*(jnp.asarray(batch[k]) for k in
-                             ('segment_ids', 'positions', 'span_ids')))
-  np.testing.assert_array_equal(attn_lib.omni_mask(info, info), d['allowed'])
+  info = jax.tree.map(jnp.asarray, layout.row_info(batch))
+  np.testing.assert_array_equal(layout.omni_mask_BTS(info, info), d['allowed'])
 
 
 # ---------------------------------------------------------------------------------------------

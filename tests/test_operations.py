@@ -187,7 +187,7 @@ def test_log_level_hides_library_info_lines_by_default():
 
 
 def test_a_data_position_the_pipeline_cannot_take_says_what_to_do():
-  from tuna2_jax import train
+  from tuna2_jax import trainer
 
   class _Iterator:  # what grain raises for a state saved with another worker count
     def set_state(self, state):
@@ -195,7 +195,7 @@ def test_a_data_position_the_pipeline_cannot_take_says_what_to_do():
 
   config = load_experiment('shapes', 'runlocal')
   with pytest.raises(ValueError) as err:
-    train._continue_data(_Iterator(), {'workers': []}, 12, config)
+    trainer.continue_data(_Iterator(), {'workers': []}, 12, config)
   message = str(err.value)
   assert 'checkpoint step 12' in message and "KeyError: 'exhausted'" in message
   assert 'data.worker_count, now 0' in message and 'new workdir' in message

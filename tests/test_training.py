@@ -15,7 +15,7 @@ import pytest
 from conftest import load_experiment
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import evaluate as eval_lib
-from tuna2_jax import flops, sharding, train, train_state
+from tuna2_jax import flops, sharding, train, train_state, trainer
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -126,7 +126,7 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
   config = _config()
   mesh = sharding.make_mesh(config.mesh)
   abstract, shardings = train_state.state_shardings(config, mesh)
-  target = train_state.with_shardings(abstract, shardings)
+  target = trainer.with_shardings(abstract, shardings)
   restored = []
   for run in (workdir, reference):
     with ckpt_lib.Checkpointer(run, keep=2, save_every=2) as ckpt:

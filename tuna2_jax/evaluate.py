@@ -26,12 +26,14 @@ from absl import app, flags, logging
 
 from tuna2_jax import cli
 from tuna2_jax import heldout
+from tuna2_jax import layout
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import paths
 from tuna2_jax import sample_grids
 from tuna2_jax import sampling
 from tuna2_jax import sharding
 from tuna2_jax import train_state
+from tuna2_jax import trainer
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import shapes
 from tuna2_jax.data import tasks
@@ -82,7 +84,7 @@ def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
         cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
         cfg_interval_open=bool(s.cfg_interval_open))
     x = sharding.to_host(x)
-    target = batch['gen_mask'] & batch['is_patch']
+    target = layout.flow_targets_BT(batch)
     for b in range(n):
       images.append(to_uint8(seq.unpatchify(x[b][target[b]], height, width, p)))
   return images
@@ -230,7 +232,8 @@ class EvalHistory:
     self.digest = (eval_set_digest(self._sets, heldout.describe(config)) if self.every
                    else None)
 
-  def count(self, step_flops: float) -> None:
+  def add_step_flops(self, step_flops: float) -> None:
+    """Counts one training step's model FLOPs (all processes') into train_flops."""
     self._flops += step_flops
 
   def wall_s(self) -> float:
@@ -240,7 +243,7 @@ class EvalHistory:
     return {'train_flops': self._flops, 'train_wall_s': self.wall_s()}
 
   def due(self, step: int) -> bool:
-    return bool(self.every) and (step % self.every == 0 or step == self.config.total_steps)
+    return trainer.itstime(step, self.every, self.config.total_steps)
 
   def evaluate(self, model, step: int) -> dict:
     """Runs the held-out metrics (every process; process 0 writes) and appends the line."""

@@ -28,45 +28,10 @@ import math
 import ml_collections
 import numpy as np
 
+from tuna2_jax import layout
 from tuna2_jax.objectives import TEXT_CHUNK
 
 TRAIN_PASSES = 3  # forward + backward (2 x forward)
-
-
-def _run_bounds(key_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(first index, last index) of the run of equal values each token belongs to, per row."""
-  b, t = key_BT.shape
-  idx = np.broadcast_to(np.arange(t), (b, t))
-  starts = np.ones((b, t), bool)
-  starts[:, 1:] = key_BT[:, 1:] != key_BT[:, :-1]
-  ends = np.ones((b, t), bool)
-  ends[:, :-1] = starts[:, 1:]
-  first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-  last = np.minimum.accumulate(np.where(ends, idx, t)[:, ::-1], axis=1)[:, ::-1]
-  return first, last
-
-
-def attended_keys(segment_ids_BT: np.ndarray, span_ids_BT: np.ndarray,
-                  kind: str = 'omni') -> np.ndarray:
-  """Keys each query attends to under the omni ('omni') or per-image ('span') mask, [B, T].
-
-  Packed rows keep every segment and every image span contiguous and in position order
-  (data/sequence.py), which is what makes the count a difference of indices.
-  """
-  seg = np.asarray(segment_ids_BT, np.int64)
-  span = np.asarray(span_ids_BT, np.int64)
-  t = seg.shape[1]
-  idx = np.arange(t)
-  seg_first, _ = _run_bounds(seg)
-  span_key = np.where(span > 0, seg * (t + 1) + span, -1 - idx)  # text tokens: runs of one
-  span_first, span_last = _run_bounds(span_key)
-  in_span = (span > 0) & (seg > 0)
-  if kind == 'span':
-    return np.where(in_span, span_last - span_first + 1, 0)
-  if kind != 'omni':
-    raise ValueError(f'attention kind {kind!r}: expected omni or span')
-  causal = idx - seg_first + 1
-  return np.where(seg > 0, causal + np.where(in_span, span_last - idx, 0), 0)
 
 
 # Forward work each remat policy (models/transformer.py) runs again in the backward pass. Only
@@ -138,9 +103,9 @@ def _layout(batch: dict) -> dict[str, float]:
       'patches': float(is_patch.sum()),
       'spans': float(starts.sum()),
       'text_targets': float(((np.asarray(batch['loss_mask']) > 0) & valid).sum()),
-      'gen_patches': float((np.asarray(batch['gen_mask']) & is_patch).sum()),
-      'keys': float(attended_keys(seg, span).sum()),
-      'span_keys': float(attended_keys(seg, patch_spans, 'span').sum()),
+      'gen_patches': float((np.asarray(layout.flow_targets_BT(batch)) & valid).sum()),
+      'keys': float(layout.attended_keys_BT(seg, span).sum()),
+      'span_keys': float(layout.attended_keys_BT(seg, patch_spans, 'span').sum()),
   }
 
 
@@ -167,7 +132,7 @@ def _span_table_rows(model: ml_collections.ConfigDict, n: dict) -> float:
 
 
 def forward_flops(model: ml_collections.ConfigDict, batch: dict) -> float:
-  """Model FLOPs of one forward pass over `batch` (host arrays of data/sequence.py's layout)."""
+  """Model FLOPs of one forward pass over `batch` (host arrays of layout.SCHEMA's rows)."""
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
   parts = _stack_parts(model, n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])

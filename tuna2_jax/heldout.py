@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tuna2_jax import layout
 from tuna2_jax import objectives
 from tuna2_jax import sharding
 from tuna2_jax.data import packing
@@ -37,16 +38,16 @@ _KEY_OFFSET = 3  # the held-out key is seed + 3 (the sampler's are seed + 1 and 
 def streams(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   """[(task, held-out source)] of the streams data.eval names, in task order."""
   held = config.data.get('eval') or {}
-  return [(task, held[task]) for task in seq.TASK_IDS if held.get(task)]
+  return [(task, held[task]) for task in layout.TASK_IDS if held.get(task)]
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises, before training starts, for held-out sources the evaluation could not read."""
   held = config.data.get('eval') or {}
-  unknown = sorted(set(held) - set(seq.TASK_IDS))
+  unknown = sorted(set(held) - set(layout.TASK_IDS))
   if unknown:
     raise ValueError(f'data.eval names unknown streams {unknown}; expected a subset of '
-                     f'{tuple(seq.TASK_IDS)}')
+                     f'{tuple(layout.TASK_IDS)}')
   named = streams(config)
   if not named:
     return
@@ -84,7 +85,7 @@ def _rows(config: ml_collections.ConfigDict, tok: Tokenizer, task: str, spec: st
                                  max_text_chars=data.max_text_chars,
                                  max_image_pixels=data.max_image_pixels)
   samples = items.map_with_index(pipeline.SampleMaker(
-      loader, tok, p, config.seq_len, 0.0, config.seed, seq.TASK_IDS[task],
+      loader, tok, p, config.seq_len, 0.0, config.seed, layout.TASK_IDS[task],
       pixel_layout=config.model.pixel_layout))
   it = samples.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                                  prefetch_buffer_size=data.read_buffer))
@@ -142,13 +143,13 @@ class HeldoutLoss:
     local = c.batch_size // count
     rows = _rows(c, self.tok, task, spec, index, count)
     totals = dict.fromkeys(('text_sum', 'text_tokens', 'flow_sum', 'flow_tokens'), 0.0)
-    skipped = dict.fromkeys(packing.SKIPPED_KEYS, 0)  # every process sums them below
+    skipped = packing.SkippedRecords()  # every process sums them below
     key = jax.random.key(c.seed + _KEY_OFFSET)
     for b in range(int(c.eval.loss_batches)):
       batch = [next(rows) for _ in range(local)]
       for row in batch:
-        skipped = packing.pop_skipped(row, skipped)
-      host = {k: np.stack([r[k] for r in batch]) for k in seq.FIELDS}
+        skipped.take(row)
+      host = {k: np.stack([r[k] for r in batch]) for k in layout.FIELDS}
       placed = (sharding.global_batch(host, mesh, c.sharding_rules) if mesh is not None
                 else host)
       got = jax.device_get(self._fn(params, placed, jax.random.fold_in(key, b)))
@@ -165,5 +166,5 @@ class HeldoutLoss:
       out[f'{name}/{part}_loss'] = totals[f'{part}_sum'] / totals[f'{part}_tokens']
     if parts:  # a stream whose records were all skipped has no loss, only its counts
       out[f'{name}/loss'] = sum(coeff * out[f'{name}/{part}_loss'] for part, coeff in parts)
-    out[f'{name}/skipped'] = float(sum(packing.skipped_totals(skipped, count).values()))
+    out[f'{name}/skipped'] = float(sum(skipped.figures(count).values()))
     return out

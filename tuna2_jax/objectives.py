@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tuna2_jax import sharding
-from tuna2_jax.data.sequence import TASK_IDS
+from tuna2_jax.layout import TASK_IDS, flow_targets_BT
 
 
 def to_unit_range(patches_u8) -> jax.Array:
@@ -215,7 +215,7 @@ def compute_loss(model, batch: dict, key, step, config: ml_collections.ConfigDic
   hidden_BTD, x_hat_BTP = model(batch, x_t_BTP, t_BT, drop_BT)
   text, n_text = text_loss(hidden_BTD, model.decoder.head_weight(), batch['targets'],
                            batch['loss_mask'])
-  target_BT = batch['gen_mask'] & batch['is_patch']
+  target_BT = flow_targets_BT(batch)
   m = config.model
   flow, n_flow = flow_loss(x_hat_BTP, flow_target(x_BTP, batch, m.pixel_layout, m.patch_size),
                            t_BT, target_BT, obj.t_eps)

@@ -4,10 +4,10 @@ r"""Pretrains Tuna-R's vision encoder with SigLIP's sigmoid image-text loss, in 
 
 Trains models/siglip.py on shapes images and their captions (training scenes only), logs
 loss, in-batch accuracy and held-out retrieval to DIR/metrics.jsonl and TensorBoard, resumes
-from DIR's checkpoints like train.py, and at the last step writes the ViT to DIR/encoder
-(convert/vision_ckpt.py), which a Tuna-R config loads with --config.init.encoder_from=DIR/encoder.
-Held-out retrieval (image -> caption and caption -> image top-1 among eval.num_retrieval
-held-out scenes) goes to DIR/eval.json.
+from DIR's checkpoints like train.py (both are built from trainer.py), and at the last step
+writes the ViT to DIR/encoder (convert/vision_ckpt.py), which a Tuna-R config loads with
+--config.init.encoder_from=DIR/encoder. Held-out retrieval (image -> caption and caption ->
+image top-1 among eval.num_retrieval held-out scenes) goes to DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
@@ -32,6 +30,7 @@ from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import sharding
 from tuna2_jax import train_state
+from tuna2_jax import trainer
 from tuna2_jax.convert import vision_ckpt
 from tuna2_jax.data import pipeline
 from tuna2_jax.data import shapes
@@ -58,24 +57,19 @@ def _to_unit(batch: dict) -> tuple[jax.Array, jax.Array]:
   return objectives.to_unit_range(batch['patches']), batch['patch_grid']
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef, tx):
-  def train_step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      img = model.embed_images(*_to_unit(batch))
-      txt = model.embed_texts(batch['tokens'], batch['valid'])
-      loss, acc = objectives.sigmoid_contrastive_loss(img, txt, model.log_temperature[...],
-                                                      model.bias[...])
-      return loss, {'loss': loss, 'batch_accuracy': acc}
+def siglip_loss(graphdef) -> trainer.LossFn:
+  """SigLIP's sigmoid image-text loss of the parameters, with the in-batch accuracy."""
 
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(grads),
-               lr=train_state.learning_rate(config.optim, config.total_steps)(state['step']))
-    return {'step': state['step'] + 1, 'params': params, 'opt': opt}, aux
+  def loss_fn(params, batch, key, step):
+    del key, step  # deterministic, the same at every step
+    model = nnx.merge(graphdef, params)
+    img = model.embed_images(*_to_unit(batch))
+    txt = model.embed_texts(batch['tokens'], batch['valid'])
+    loss, acc = objectives.sigmoid_contrastive_loss(img, txt, model.log_temperature[...],
+                                                    model.bias[...])
+    return loss, {'loss': loss, 'batch_accuracy': acc}
 
-  return train_step
+  return loss_fn
 
 
 @nnx.jit
@@ -120,46 +114,43 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.model.vision != 'encoder':
     raise ValueError(f'model.vision={config.model.vision!r}: encoder pretraining needs the '
                      'Tuna-R model (vision=encoder)')
-  lead = jax.process_index() == 0
+  writes_logs = jax.process_index() == 0
 
   # --- mesh and state ---
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
-  abstract = jax.eval_shape(lambda: _init_state(config))
-  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  abstract, shardings = trainer.state_layout(lambda: _init_state(config), mesh, rules)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
   tx = train_state.optimizer(config, abstract['params'])
-  replicated = NamedSharding(mesh, P())
-  step_fn = jax.jit(make_train_step(config, graphdef, tx),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
-                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+  step_fn = trainer.jit_step(
+      trainer.make_step(siglip_loss(graphdef), tx,
+                        train_state.learning_rate(config.optim, config.total_steps)),
+      shardings, mesh, rules)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                save_every=config.checkpoint_every)
-  # The newest intact checkpoint (a damaged newer one is logged and skipped).
-  found, data_state = ckpt.restore_latest(train_state.with_shardings(abstract, shardings)), None
-  if found is not None:
-    start, state, data_state, _ = found
-  else:
-    state, start = jax.jit(lambda: _init_state(config), out_shardings=shardings)(), 0
-  if lead:
+  start, state, data_state, _ = trainer.restore_or_init(
+      ckpt, abstract, shardings, lambda: trainer.init_into(lambda: _init_state(config),
+                                                           shardings))
+  if writes_logs:
     ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
 
   # --- data ---
   data_iter = iter(pipeline.caption_dataset(config, tok, process_index=jax.process_index(),
                                             process_count=jax.process_count()))
   if data_state is not None:
-    data_iter.set_state(data_state)
+    trainer.continue_data(data_iter, data_state, start, config)
 
   # --- loop ---
-  writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
-  progress = metrics_lib.Progress(config.total_steps, start, enabled=lead)
-  for step in range(start + 1, config.total_steps + 1):
-    state, aux = step_fn(state, sharding.global_batch(next(data_iter), mesh, rules))
-    if step % config.log_every == 0 or step == config.total_steps:
+  writer = metrics_lib.MetricsWriter(workdir, enabled=writes_logs)
+  progress = metrics_lib.Progress(config.total_steps, start, enabled=writes_logs)
+  key, total = jax.random.key(config.seed), config.total_steps  # the loss draws nothing
+  for step in range(start + 1, total + 1):
+    state, aux = step_fn(state, sharding.global_batch(next(data_iter), mesh, rules), key)
+    if trainer.itstime(step, config.log_every, total):
       aux = {k: float(v) for k, v in jax.device_get(aux).items()}
       writer.write_scalars(step, aux)
       progress.update(step, {'loss': aux['loss'], 'acc': aux['batch_accuracy']})
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    if trainer.itstime(step, config.checkpoint_every, total):
       ckpt.save(step, state, data_state=data_iter.get_state(), force=True)
   ckpt.wait()
   ckpt.close()
@@ -171,7 +162,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.write_tensorboard(config.total_steps, {k: v for k, v in results.items() if k != 'step'})
   writer.close()
   export_encoder(config, state['params'], workdir)
-  if lead:
+  if writes_logs:
     with open(os.path.join(workdir, EVAL_FILE), 'w') as f:
       json.dump(results, f, indent=2)
   distributed.barrier('pretrain_done', config.barrier_timeout_s)

@@ -19,9 +19,8 @@ import numpy as np
 from flax import nnx
 
 from tuna2_jax import objectives
-from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.layout import cache_info, row_info, text_info, with_token
 from tuna2_jax.models.transformer import empty_kv_cache
-from tuna2_jax.models.tuna import mask_info
 
 SAMPLERS = ('euler', 'heun')
 
@@ -187,10 +186,8 @@ def decode_text(model, batch: dict, key, *, max_new_tokens: int, eos_id: int, pa
   dec = model.decoder
   c = dec.cfg
   cache = empty_kv_cache(c.num_layers, b, slots, c.num_kv_heads, c.head_dim, dec.dtype)
-  pad_tail = lambda a: jnp.pad(a, ((0, 0), (0, max_new_tokens)))
-  info = mask_info(batch)
-  kv_info = MaskInfo(pad_tail(info.segment_ids), pad_tail(info.positions),
-                     pad_tail(info.span_ids))
+  info = row_info(batch)
+  kv_info = cache_info(info, max_new_tokens)
   x = objectives.to_unit_range(batch['patches'])
   h = model.embed(batch, x, jnp.ones(batch['tokens'].shape, jnp.float32))
   hidden, cache = dec(h, info, kv_info, cache)
@@ -209,9 +206,8 @@ def decode_text(model, batch: dict, key, *, max_new_tokens: int, eos_id: int, pa
     done = done | (token == eos_id)
     slot = length + i
     pos = next_pos + i
-    kv_info = MaskInfo(kv_info.segment_ids.at[:, slot].set(seg),
-                       kv_info.positions.at[:, slot].set(pos), kv_info.span_ids)
-    q_info = MaskInfo(seg[:, None], pos[:, None], jnp.zeros((b, 1), jnp.int32))
+    kv_info = with_token(kv_info, slot, seg, pos)
+    q_info = text_info(seg[:, None], pos[:, None])
     cache = dict(cache, index=jnp.asarray(slot, jnp.int32))
     hidden, cache = dec(dec.embed(token[:, None]), q_info, kv_info, cache)
     nxt = _sample_token(dec.logits(hidden[:, -1]), keys[i], temperature)

@@ -4,7 +4,8 @@ r"""Trains Tuna-2 / Tuna-R.
       [--config.total_steps=2000 ...]
 
 Sections: config -> mesh -> state (init or resume) -> data -> step -> loop (log, eval,
-checkpoint). Re-running with the same workdir resumes from its latest checkpoint.
+checkpoint), built from trainer.py's skeleton; this file brings the loss and the eval and
+sample hooks. Re-running with the same workdir resumes from its latest checkpoint.
 
 Several processes (pods, clusters; see launch/): every process runs this same command, joined by
 jax.distributed (distributed.py). Each loads its share of the batch; only process 0 writes logs,
@@ -20,6 +21,7 @@ slice from any host with libtpu, or `--dry_run_devices=N` to compile for N fake 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -29,7 +31,6 @@ import ml_collections
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from tuna2_jax import checkpoint as ckpt_lib
@@ -45,8 +46,8 @@ from tuna2_jax import paths
 from tuna2_jax import sharding
 from tuna2_jax import topologies
 from tuna2_jax import train_state
+from tuna2_jax import trainer
 from tuna2_jax.convert import init_from
-from tuna2_jax.data import packing
 from tuna2_jax.data import pipeline
 from tuna2_jax.data.tokenizer import Tokenizer
 from tuna2_jax.models.tuna import validate_model_config
@@ -88,34 +89,25 @@ def validate(config: ml_collections.ConfigDict) -> Tokenizer:
   return tok
 
 
+def tuna_loss(config: ml_collections.ConfigDict, graphdef) -> trainer.LossFn:
+  """Tuna-2's loss (objectives.compute_loss: text CE + flow matching) of the parameters."""
+
+  def loss_fn(params, batch, key, step):
+    return objectives.compute_loss(nnx.merge(graphdef, params), batch, key, step, config)
+
+  return loss_fn
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
                     mesh=None):
   """(state, batch, key) -> (state, metrics): one AdamW step plus the EMA update.
 
   With a mesh, the model's activation constraints (sharding.constrain) follow its rules table.
   """
-  ema_decay = config.optim.ema_decay
-
-  def train_step(state, batch, key):
-    with sharding.activation_sharding(mesh, config.sharding_rules):
-      return _train_step(state, batch, key)
-
-  def _train_step(state, batch, key):
-    key = jax.random.fold_in(key, state['step'])
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      return objectives.compute_loss(model, batch, key, state['step'], config)
-
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema'], params)
-    aux = dict(aux, grad_norm=optax.tree_utils.tree_norm(grads),
-               lr=train_state.learning_rate(config.optim, config.total_steps)(state['step']))
-    return {'step': state['step'] + 1, 'params': params, 'opt': opt, 'ema': ema}, aux
-
-  return train_step
+  return trainer.make_step(tuna_loss(config, graphdef), tx,
+                           train_state.learning_rate(config.optim, config.total_steps),
+                           ema_decay=config.optim.ema_decay, mesh=mesh,
+                           rules=config.sharding_rules)
 
 
 def setup(config: ml_collections.ConfigDict, mesh):
@@ -125,20 +117,14 @@ def setup(config: ml_collections.ConfigDict, mesh):
   mesh, a rule naming an unknown mesh axis, a mesh axis that does not divide the dimension it
   splits, or too many parameter bytes left whole under an fsdp mesh.
   """
-  shards = sharding.batch_shards(mesh, config.sharding_rules)
-  if config.batch_size % shards:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {shards} '
-                     f'batch shards of the mesh {dict(mesh.shape)}')
+  trainer.check_batch(config.batch_size, mesh, config.sharding_rules)
   graphdef, _ = train_state.abstract_model(config)
   abstract, shardings = train_state.state_shardings(config, mesh)
   sharding.check_replication(abstract['params'], shardings['params'], mesh,
                              config.max_replicated_fraction)
   tx = train_state.optimizer(config, abstract['params'])
-  replicated = NamedSharding(mesh, P())
-  step_fn = jax.jit(make_train_step(config, graphdef, tx, mesh),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh, config.sharding_rules),
-                                  replicated),
-                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+  step_fn = trainer.jit_step(make_train_step(config, graphdef, tx, mesh), shardings, mesh,
+                             config.sharding_rules)
   return graphdef, abstract, shardings, step_fn
 
 
@@ -173,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training in workdir; returns the last logged metrics."""
   # --- config ---
   tok = validate(config)
-  lead = jax.process_index() == 0
+  writes_logs = jax.process_index() == 0
   preemption = distributed.PreemptionWatcher()  # a SIGTERM from here on is honoured
   if distributed.sigterm_received():  # e.g. during start-up: stop before anything is written
     logging.warning('SIGTERM before training started: exiting; the workdir was not touched')
@@ -191,61 +177,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_json = config.to_json_best_effort(indent=2)
   if steps := ckpt.all_steps():  # a change the checkpoint cannot follow stops here, untouched
     config_history.check_resumable(workdir, config_json, steps[-1])
-  found = ckpt.restore_latest(train_state.with_shardings(abstract, shardings))
-  data_state, totals = None, {}
-  if found is not None:
-    start, state, data_state, meta = found
-    totals = meta or {}
-    logging.info('resumed from step %d', start)
-  else:
-    init_from.check_required(config)
-    state = train_state.create_sharded_state(config, mesh)
-    if init_from.wanted(config):
-      state = init_from.start_from(state, init_from.pretrained_params(
-          config, abstract['params'], shardings['params']))
-    start = 0
+  start, state, data_state, totals = trainer.restore_or_init(
+      ckpt, abstract, shardings, lambda: _initial_state(config, mesh, abstract, shardings))
   # Recorded only after the restore: a checkpoint of another model raises there, untouched.
-  if lead:
+  if writes_logs:
     config_history.record(workdir, config_json, start)
   distributed.barrier('state_ready', config.barrier_timeout_s)
 
   # --- data ---
   # validate() has run pipeline.check_data: its source checks and warnings are not repeated.
   dataset = pipeline.train_dataset(config, tok, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), checked=True)
+                                   process_count=jax.process_count(), sources_checked=True)
   data_iter = iter(dataset)
   if data_state is not None:
-    _continue_data(data_iter, data_state, start, config)
+    trainer.continue_data(data_iter, data_state, start, config)
 
   # --- loop ---
   sink = None
-  if lead and config.wandb.enabled:
+  if writes_logs and config.wandb.enabled:
     sink = metrics_lib.WandbSink(workdir, config.wandb, config.to_dict())
-  writer = metrics_lib.MetricsWriter(workdir, enabled=lead, wandb=sink)
-  progress = metrics_lib.Progress(config.total_steps, start, enabled=lead)
-  run_t0, done, samples = time.perf_counter(), start, None
+  writer = metrics_lib.MetricsWriter(workdir, enabled=writes_logs, wandb=sink)
+  progress = metrics_lib.Progress(config.total_steps, start, enabled=writes_logs)
+  done, samples = start, None
   history = eval_lib.EvalHistory(config, tok, writer, totals)
-  peak = flops.peak_flops(jax.devices()[0].device_kind)  # None on CPUs: no MFU then
+  # Tokens, model FLOPs and MFU of the logged steps; the skipped-record counts continue the
+  # totals of the runs this one resumes (kept in the checkpoints), so the logged counts add up.
+  stats = trainer.StepStats(functools.partial(flops.train_step_flops, config.model),
+                            process_count=jax.process_count(), device_count=jax.device_count(),
+                            peak_flops=flops.peak_flops(jax.devices()[0].device_kind),
+                            resumed=totals)  # no peak on CPUs: no MFU then
   key = jax.random.key(config.seed)
-  last, tokens, step_flops, t0 = {}, 0.0, 0.0, time.perf_counter()
-  # Records the data pipeline skipped, by reason: this process's since this run started, and
-  # the totals of the runs it resumes (kept in the checkpoints), so the logged counts add up.
-  skipped, skipped_before = None, packing.checkpointed_skipped(totals)
+  chrono = trainer.Chrono()
+  last, total = {}, config.total_steps
   prev_aux, prev_tokens, shown = None, 0.0, {}
   bar_rate = metrics_lib.RateMeter()
-  for step in range(start + 1, config.total_steps + 1):
+  for step in range(start + 1, total + 1):
     if step == start + 1 and distributed.sigterm_received():
       logging.warning('SIGTERM before the first step: exiting without training; the workdir is '
                       'as it was (a restart resumes from step %d)', start)
       break
     local = next(data_iter)
-    skipped = packing.pop_skipped(local, skipped)
-    step_tokens = float((local['segment_ids'] > 0).sum()) * jax.process_count()
-    tokens += step_tokens
-    # Every process's rows have the same layout statistics, so local x process count.
-    flops_now = flops.train_step_flops(config.model, local) * jax.process_count()
-    step_flops += flops_now
-    history.count(flops_now)
+    step_tokens, step_flops = stats.add(local)
+    history.add_step_flops(step_flops)
     state, aux = step_fn(state, sharding.global_batch(local, mesh, rules), key)
     # The bar shows the previous step's loss: fetching it waits for that step only, while this
     # one is already queued, so the devices never idle for the console.
@@ -258,35 +231,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prev_aux, prev_tokens = aux, step_tokens
     progress.update(step, shown)
     stop = preemption.should_stop(step)
-    if step % config.log_every == 0 or step == config.total_steps or stop:
+    if trainer.itstime(step, config.log_every, total, force=stop):
       aux = jax.device_get(aux)
-      elapsed = time.perf_counter() - t0
+      elapsed = chrono.lap()
       last = {k: float(v) for k, v in aux.items()}
-      last['tokens_per_s'] = tokens / elapsed
-      per_device = step_flops / elapsed / jax.device_count()
-      last['tflops_per_s_per_device'] = per_device / 1e12
-      if peak:
-        last['mfu'] = per_device / peak
-      if skipped is not None:
-        last.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
+      last.update(stats.log_figures(elapsed))
       writer.write_scalars(step, last)
       shown['loss'] = last['loss']
-      tokens, step_flops, t0 = 0.0, 0.0, time.perf_counter()
     if not stop and history.due(step):
-      history.evaluate(nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params']),
-                       step)
-      t0 = time.perf_counter()
-    if not stop and (step % config.eval_every == 0 or step == config.total_steps):
-      # Every process samples (the parameters are spread over all of them); process 0 writes.
-      model = nnx.merge(graphdef, state['ema' if config.eval.use_ema else 'params'])
-      samples = eval_lib.write_samples(model, tok, config, workdir, step, writer=writer)
-      logging.info('wrote %s', samples)
-      t0 = time.perf_counter()
-    if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-      meta = history.totals()
-      if skipped is not None:
-        meta.update(packing.skipped_totals(skipped, jax.process_count(), skipped_before))
-      ckpt.save(step, state, data_state=data_iter.get_state(), meta=meta, force=True)
+      with chrono.paused():
+        history.evaluate(_eval_model(config, graphdef, state), step)
+    if not stop and trainer.itstime(step, config.eval_every, total):
+      with chrono.paused():
+        # Every process samples (the parameters are spread over all of them); process 0 writes.
+        samples = eval_lib.write_samples(_eval_model(config, graphdef, state), tok, config,
+                                         workdir, step, writer=writer)
+        logging.info('wrote %s', samples)
+    if trainer.itstime(step, config.checkpoint_every, total, force=stop):
+      with chrono.paused():
+        meta = dict(history.totals(), **stats.checkpoint_figures())
+        ckpt.save(step, state, data_state=data_iter.get_state(), meta=meta, force=True)
     done = step
     if stop:
       logging.warning('preempted: saved the checkpoint of step %d; exiting', step)
@@ -298,10 +262,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress.close()
   writer.close()
   distributed.barrier('train_done', config.barrier_timeout_s)
-  if lead:
+  if writes_logs:
     print(metrics_lib.summary(
-        workdir, start, done, config.total_steps,
-        time.perf_counter() - run_t0, last,
+        workdir, start, done, total, chrono.total_s(), last,
         {'checkpoints': paths.join(ckpt.directory, str(saved[-1])) if saved else None,
          'samples': samples and paths.join(workdir, 'samples'),
          'eval history': (paths.join(workdir, eval_lib.HISTORY_FILE)
@@ -312,16 +275,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last
 
 
-def _continue_data(data_iter, data_state, step: int, config: ml_collections.ConfigDict) -> None:
-  """Sets the data iterator to the checkpoint's position, or says why it cannot."""
-  try:
-    data_iter.set_state(data_state)
-  except (KeyError, ValueError, TypeError, IndexError) as e:  # grain's own errors
-    raise ValueError(
-        f'checkpoint step {step}: its data-iterator state does not fit this data pipeline '
-        f'({type(e).__name__}: {e}); resume with the data config it was saved with (same '
-        f'data.worker_count, now {config.data.worker_count}, and the same sources and weights) '
-        'or use a new workdir') from None
+def _initial_state(config: ml_collections.ConfigDict, mesh, abstract: dict,
+                   shardings: dict) -> dict:
+  """A fresh run's state: initialised into its shardings, then the configured pretrained
+  weights (init_from) loaded over it."""
+  init_from.check_required(config)
+  state = train_state.create_sharded_state(config, mesh)
+  if init_from.wanted(config):
+    state = init_from.start_from(state, init_from.pretrained_params(
+        config, abstract['params'], shardings['params']))
+  return state
+
+
+def _eval_model(config: ml_collections.ConfigDict, graphdef, state: dict):
+  """The model held-out metrics and sample grids are computed with (eval.use_ema)."""
+  return nnx.merge(graphdef, trainer.eval_params(state, config.eval.use_ema))
 
 
 def _use_fake_cpu_devices(count: int) -> None:

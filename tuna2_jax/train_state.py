@@ -18,6 +18,7 @@ from flax import nnx
 
 from tuna2_jax import checkpoint as ckpt_lib
 from tuna2_jax import sharding
+from tuna2_jax import trainer
 from tuna2_jax.models.tuna import Tuna, validate_model_config
 
 # Logical names ride on Variables as metadata; placement happens through jit out_shardings.
@@ -80,19 +81,13 @@ def abstract_state(config: ml_collections.ConfigDict) -> dict:
 
 def state_shardings(config: ml_collections.ConfigDict, mesh) -> tuple[dict, dict]:
   """(abstract state, its NamedShardings) for the configured rules on this mesh."""
-  abstract = abstract_state(config)
-  return abstract, sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  return trainer.state_layout(lambda: init_state(config), mesh, config.sharding_rules)
 
 
 def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> dict:
   """Initialises the state directly into its shardings (never whole on one device)."""
   _, shardings = state_shardings(config, mesh)
-  return jax.jit(lambda: init_state(config), out_shardings=shardings)()
-
-
-def with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return trainer.init_into(lambda: init_state(config), shardings)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

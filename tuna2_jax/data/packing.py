@@ -9,8 +9,9 @@ next window. `sequence.pack` lays each row out (segments 1..n, span ids renumber
 Fault markers ({FAULT_KEY: reason index, STREAM_KEY: the stream's task id}, from records the
 loader skipped) are counted and the counts ride on the first row of their window as
 'skipped/<reason>' scalars, so the counters reach the trainer through any number of worker
-processes. A stream whose last `max_consecutive_faults` records were all skipped stops the run
-with an error naming it (its data went missing or unreadable mid-run).
+processes; SkippedRecords takes them off again and keeps the totals. A stream whose last
+`max_consecutive_faults` records were all skipped stops the run with an error naming it (its
+data went missing or unreadable mid-run).
 
 The iterator state is (parent state at the window's start, rows already emitted from it):
 restoring re-reads and re-packs that window and drops the emitted rows, so a resumed iterator
@@ -24,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from tuna2_jax import layout
 from tuna2_jax.data import records
 from tuna2_jax.data import sequence as seq
 
@@ -34,17 +36,17 @@ SKIPPED_KEYS = tuple(SKIPPED_PREFIX + r for r in records.FAULT_REASONS)
 
 
 def fault_marker(reason: str, stream: int = 0) -> dict:
-  """A skipped record of the stream with task id `stream` (sequence.TASK_IDS; 0: unnamed)."""
+  """A skipped record of the stream with task id `stream` (layout.TASK_IDS; 0: unnamed)."""
   return {FAULT_KEY: np.int32(records.FAULT_REASONS.index(reason)), STREAM_KEY: np.int32(stream)}
 
 
 def _stream_name(stream: int, stream_names: dict) -> str:
-  name = next((t for t, i in seq.TASK_IDS.items() if i == stream), None)
+  name = next((t for t, i in layout.TASK_IDS.items() if i == stream), None)
   return stream_names.get(name, f'the {name} stream') if name else 'the data'
 
 
 class FirstFitPackIterDataset(grain.IterDataset):
-  """Samples -> rows of seq_len tokens (sequence.FIELDS plus SKIPPED_KEYS scalars)."""
+  """Samples -> rows of seq_len tokens (layout.FIELDS plus SKIPPED_KEYS scalars)."""
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, num_bins: int, patch_size: int,
                pad_id: int, max_consecutive_faults: int = 10_000,
@@ -173,35 +175,36 @@ def _spans(sample: dict) -> int:
   return int(sample['span_ids'].max(initial=0))
 
 
-def pop_skipped(batch: dict, totals: dict | None) -> dict | None:
-  """Removes the SKIPPED_KEYS counts from a batch and adds them to `totals` (None: no counts).
+class SkippedRecords:
+  """The one owner of skipped-record counts: takes them off batches, keeps the totals.
 
-  They are host-side bookkeeping: the batch that goes to the devices holds only sequence.FIELDS.
+  The SKIPPED_KEYS scalars ride on rows (the only way out of grain's worker processes); `take`
+  removes them from each batch, so the batch that goes to the devices holds only
+  layout.FIELDS. `figures` are the totals summed over all processes plus those of the runs a
+  resumed run continues (`resumed`, a checkpoint's meta), so the counts in metrics.jsonl and in
+  the next checkpoint count from the start of training, not from the last restart. `seen` says
+  whether any batch carried counts (data without a mixture has none; nothing is logged then).
   """
-  if SKIPPED_KEYS[0] not in batch:
-    return totals
-  totals = dict.fromkeys(SKIPPED_KEYS, 0) if totals is None else totals
-  for key in SKIPPED_KEYS:
-    totals[key] += int(np.sum(batch.pop(key)))
-  return totals
 
+  def __init__(self, resumed: dict | None = None):
+    resumed = resumed or {}  # checkpoints from before the counts were saved count from zero
+    self._resumed = {k: float(resumed[k]) for k in SKIPPED_KEYS if k in resumed}
+    self._local = np.zeros(len(SKIPPED_KEYS), np.int64)  # this process's, since this run began
+    self.seen = False
 
-def skipped_totals(totals: dict, process_count: int = 1, before: dict | None = None) -> dict:
-  """The counts summed over all processes, plus `before` (every process must call this at the
-  same step).
+  def take(self, batch: dict) -> None:
+    """Removes the counts from `batch` (a row or a batch of rows) and adds them up."""
+    if SKIPPED_KEYS[0] not in batch:
+      return
+    self.seen = True
+    for i, key in enumerate(SKIPPED_KEYS):
+      self._local[i] += int(np.sum(batch.pop(key)))
 
-  `before` holds the totals of the runs a resumed run continues (checkpointed_skipped), so that
-  the counters in metrics.jsonl count from the start of training, not from the last restart.
-  """
-  counts = np.asarray([totals[k] for k in SKIPPED_KEYS], np.int64)
-  if process_count > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
-  before = before or {}
-  return {k: float(c) + float(before.get(k, 0.0)) for k, c in zip(SKIPPED_KEYS, counts)}
-
-
-def checkpointed_skipped(meta: dict) -> dict:
-  """The skipped-record totals a checkpoint's meta holds (none in checkpoints from before they
-  were saved, which count from zero)."""
-  return {k: float(meta[k]) for k in SKIPPED_KEYS if k in meta}
+  def figures(self, process_count: int = 1) -> dict[str, float]:
+    """{'skipped/<reason>': count}: every process must call this at the same step."""
+    counts = self._local
+    if process_count > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(
+          -1, len(counts)).sum(0)
+    return {k: float(c) + float(self._resumed.get(k, 0.0)) for k, c in zip(SKIPPED_KEYS, counts)}

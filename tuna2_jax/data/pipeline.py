@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from tuna2_jax import layout
 from tuna2_jax.data import images as images_lib
 from tuna2_jax.data import packing
 from tuna2_jax.data import records
@@ -51,10 +52,10 @@ def draw_shapes_example(rng: np.random.Generator, task: str, data: ml_collection
 
 def stream_weights(data: ml_collections.ConfigDict) -> tuple[tuple[str, ...], np.ndarray]:
   names = tuple(data.weights.keys())
-  unknown = set(names) - set(seq.TASK_IDS)
+  unknown = set(names) - set(layout.TASK_IDS)
   if unknown:
     raise ValueError(f'data.weights names unknown streams {sorted(unknown)}; expected a subset '
-                     f'of {tuple(seq.TASK_IDS)}')
+                     f'of {tuple(layout.TASK_IDS)}')
   w = np.asarray([data.weights[n] for n in names], np.float64)
   if (w < 0).any() or w.sum() <= 0:
     raise ValueError(f'data.weights {dict(data.weights)} must be >= 0 with a positive sum')
@@ -102,7 +103,7 @@ class _ShapesLoader:
 
   def __call__(self, item):
     where, index = item
-    rng = np.random.default_rng([self.seed, seq.TASK_IDS[self.task], index])
+    rng = np.random.default_rng([self.seed, layout.TASK_IDS[self.task], index])
     return where, draw_shapes_example(rng, self.task, self.data)
 
 
@@ -208,7 +209,7 @@ def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: T
                  process_index: int, process_count: int) -> tuple[grain.MapDataset, int,
                                                                   SampleMaker]:
   """(this process's records, shuffled and repeated; how many there are; their SampleMaker)."""
-  data, stream = config.data, seq.TASK_IDS[task]
+  data, stream = config.data, layout.TASK_IDS[task]
   if spec == SHAPES_SPEC:
     items = grain.MapDataset.range(_NUM_ROWS).map(_shapes_item)
     loader = _ShapesLoader(task, data, config.seed)
@@ -305,19 +306,19 @@ def mixture_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, local_
 
 
 def train_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
-                  process_count: int = 1, checked: bool = False) -> grain.IterDataset:
+                  process_count: int = 1, sources_checked: bool = False) -> grain.IterDataset:
   """Batches of this process's rows: [batch_size / process_count, seq_len, ...] per field.
 
   Mixture batches also hold packing.SKIPPED_KEYS: per-row counts of skipped records, which the
-  trainer pops before the batch goes to the devices. checked: the caller has already run
-  check_data on this config (train.validate does), so its source checks and warnings are not
-  repeated.
+  trainer takes off (packing.SkippedRecords) before the batch goes to the devices.
+  sources_checked: the caller has already run check_data on this config (train.validate does),
+  so its source checks and warnings are not repeated.
   """
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                      f'{process_count} processes')
   local_batch = config.batch_size // process_count
-  if not checked:
+  if not sources_checked:
     check_data(config)
   if config.data.name == 'mixture':
     return mixture_dataset(config, tok, local_batch=local_batch, process_index=process_index,

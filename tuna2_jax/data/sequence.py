@@ -1,19 +1,8 @@
 """Sequence layout: task examples -> token sequences -> packed rows the model reads.
 
-Every row is a dict of numpy arrays over T token slots:
-  tokens     int32 [T]       token ids; image slots hold the image placeholder id
-  targets    int32 [T]       the next token (what position i predicts)
-  loss_mask  float32 [T]     1 where targets[i] is a trained text target
-  segment_ids int32 [T]      1..n for the packed samples, 0 for padding
-  positions  int32 [T]       1D position inside the sample (image tokens included)
-  span_ids   int32 [T]       k >= 1 on the tokens of the row's k-th image span, else 0
-  is_time    bool [T]        the time token heading a span
-  is_patch   bool [T]        patch tokens
-  gen_mask   bool [T]        tokens of spans to be generated (noised, trained by the flow loss)
-  task       int32 [T]       TASK_IDS of the sample (0 for padding)
-  patches    uint8 [T, p*p*3] the pixel block of each patch token (raster order, (row, col, ch))
-  pos3       int32 [T, 3]    flow-head RoPE coordinates (t, h, w); text (p, p, p)
-  patch_grid int32 [T, 4]    (row, col, grid rows, grid cols) of a patch in its image; 0 elsewhere
+A row is a dict of numpy arrays over T token slots, one per field of layout.SCHEMA (names,
+dtypes, trailing shapes and meanings live there); the builders here write them.
+
 Layouts (ARCHITECTURE.md): image span = [time][patches]; t2i = [BOS] prompt [BOI] span [EOI]
 [EOS]; understanding = [BOS] [BOI] span [EOI] question answer [EOS]; editing = [BOS] [BOI] src
 [EOI] instruction [BOI] target [EOI] [EOS]; text = [BOS] text [EOS].
@@ -32,9 +21,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-TASK_IDS = {'t2i': 1, 'mmu': 2, 'edit': 3, 'text': 4}
-FIELDS = ('tokens', 'targets', 'loss_mask', 'segment_ids', 'positions', 'span_ids', 'is_time',
-          'is_patch', 'gen_mask', 'task', 'patches', 'pos3', 'patch_grid')
+from tuna2_jax import layout
 
 
 @dataclasses.dataclass
@@ -164,7 +151,7 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
       'is_time': is_time,
       'is_patch': is_patch,
       'gen_mask': gen_mask,
-      'task': np.full(length, TASK_IDS[task], np.int32),
+      'task': np.full(length, layout.TASK_IDS[task], np.int32),
       'patches': patches,
       'pos3': pos3.astype(np.int32),
       'patch_grid': patch_grid,
@@ -197,7 +184,7 @@ def pack(samples: Sequence[dict], seq_len: int, *, patch_size: int, pad_id: int)
   if not samples:
     return empty_row(seq_len, patch_size, pad_id)
   row = {}
-  for k in FIELDS:
+  for k in layout.FIELDS:
     first = samples[0][k]
     row[k] = np.empty((seq_len, *first.shape[1:]), first.dtype)
     np.concatenate([s[k] for s in samples], out=row[k][:total])
@@ -223,7 +210,7 @@ def stack_left_padded(samples: Sequence[dict], *, patch_size: int, pad_id: int,
     if n > length:
       raise ValueError(f'sample of {n} tokens is longer than {length}')
     row = empty_row(length, patch_size, pad_id)
-    for k in FIELDS:
+    for k in layout.FIELDS:
       row[k][length - n:] = s[k]
     rows.append(row)
-  return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+  return {k: np.stack([r[k] for r in rows]) for k in layout.FIELDS}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tuna2_jax import layout
 from tuna2_jax.data import chat_template
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -81,7 +82,7 @@ def to_pieces(ex: dict, tok: Tokenizer, *, drop_prompt: bool = False) -> list[se
             seq.Image(ex['target'], generate=True), seq.Text([tok.eoi_id, tok.eos_id])]
   if task == 'text':
     return [seq.Text([tok.bos_id]), seq.Text(tok.encode(ex['text']) + [tok.eos_id], train=True)]
-  raise ValueError(f'task {task!r}: expected one of {tuple(seq.TASK_IDS)}')
+  raise ValueError(f'task {task!r}: expected one of {tuple(layout.TASK_IDS)}')
 
 
 def format_example(ex: dict, tok: Tokenizer, patch_size: int, *, drop_prompt: bool = False,

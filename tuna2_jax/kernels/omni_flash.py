@@ -1,13 +1,12 @@
 """Flash attention for the omni mask without a dense T x T mask: a Pallas kernel with one key
 interval per query.
 
-In a packed row (data/sequence.py: segments contiguous, positions rising with the index, each
-image span contiguous) the omni rule "same segment and (causal or same image span)" lets query i
-see exactly the keys [segment_start(i), max(i, span_end(i))]: everything before it in its
-segment, plus the rest of its own image span. `key_bounds` turns a MaskInfo into those two
-integers per token; the kernel walks only the key blocks a query block can reach and masks the
-ragged edges, so text rows cost what causal attention costs and image spans add just their own
-square. Rows with no keys (padding) return zeros.
+In a packed row the omni rule (layout.py) lets query i see exactly one interval of keys
+[lo_i, hi_i]: everything before it in its segment, plus the rest of its own image span.
+layout.key_bounds_BT turns a MaskInfo into those two integers per token; the kernel walks only
+the key blocks a query block can reach and masks the ragged edges, so text rows cost what
+causal attention costs and image spans add just their own square. Rows with no keys (padding)
+return zeros.
 
 The forward pass keeps an online softmax and saves its log-sum-exp; the backward pass
 recomputes probabilities block by block (dq over key blocks, dk/dv over query blocks), as in
@@ -23,51 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from tuna2_jax import layout
 from tuna2_jax import sharding
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-  from tuna2_jax.models.attention import MaskInfo
 
 # Finite, so an all-masked block leaves exp(m - m_new) = 1 instead of NaN.
 _NEG = -1e30
-
-
-def _runs(ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(first index, last index) of the run of equal values each token sits in."""
-  b, t = ids_BT.shape
-  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  change = ids_BT[:, 1:] != ids_BT[:, :-1]
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
-  ends = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
-  first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  last = jax.lax.cummin(jnp.where(ends, idx, t - 1), axis=1, reverse=True)
-  return first, last
-
-
-def key_bounds(info: MaskInfo, kind: str = 'omni') -> tuple[jax.Array, jax.Array]:
-  """Each query's allowed keys as an inclusive index interval: (lo_BT, hi_BT) int32.
-
-  Valid for self-attention over a packed row; queries with no keys get lo = T, hi = -1.
-  """
-  seg, span = info.segment_ids, info.span_ids
-  b, t = seg.shape
-  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  seg_start, _ = _runs(seg)
-  # A run of one span id never crosses a segment boundary, even when two segments reuse ids.
-  span_start, span_end = _runs(seg * (t + 1) + span)
-  in_span = span != 0
-  if kind == 'omni':
-    valid = seg != 0
-    lo = seg_start
-    hi = jnp.where(in_span, jnp.maximum(idx, span_end), idx)
-  elif kind == 'span':
-    valid = (seg != 0) & in_span
-    lo, hi = span_start, span_end
-  else:
-    raise ValueError(f'attention kind {kind!r}: expected omni or span')
-  return (jnp.where(valid, lo, t).astype(jnp.int32), jnp.where(valid, hi, -1).astype(jnp.int32))
 
 
 def check_self_attention(q_BTHK, k_BTGK, kernel: str) -> None:
@@ -261,8 +220,8 @@ def _flash_bwd(block_q, block_k, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str = 'omni',
-                         block_q: int = 64, block_k: int = 64,
+def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,
+                         kind: str = 'omni', block_q: int = 64, block_k: int = 64,
                          interpret: bool | None = None) -> jax.Array:
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
@@ -274,7 +233,7 @@ def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str = 
   t = q_BTHK.shape[1]
   if interpret is None:
     interpret = sharding.target_platform() != 'gpu'
-  lo, hi = key_bounds(info, kind)
+  lo, hi = layout.key_bounds_BT(info, kind)
   block = max(block_q, block_k)
   pad = (-t) % block
   if pad:

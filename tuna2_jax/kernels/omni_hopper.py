@@ -1,7 +1,7 @@
 """Omni-mask flash attention for Hopper (sm90) GPUs: a Pallas Mosaic GPU kernel trio.
 
-The mask is kernels/omni_flash.py's: query i sees the keys [lo_i, hi_i] (key_bounds). In a
-packed row both bounds rise with i, so the key blocks a query block reaches form one range,
+The mask is kernels/omni_flash.py's: query i sees the keys [lo_i, hi_i] (layout.key_bounds_BT).
+In a packed row both bounds rise with i, so the key blocks a query block reaches form one range,
 and so do the query blocks reaching a key block. `tile_ranges` splits every such range into
 [edge, interior, edge): interior tiles lie wholly inside every row's interval and run without a
 mask; only the edge tiles (segment starts, the causal diagonal, image-span ends) compute one.
@@ -36,12 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from typing import TYPE_CHECKING
-
-from tuna2_jax.kernels.omni_flash import check_self_attention, key_bounds
-
-if TYPE_CHECKING:
-  from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.kernels.omni_flash import check_self_attention
+from tuna2_jax.layout import MaskInfo, key_bounds_BT
 
 BLOCK = 64  # query and key block: one warpgroup's WGMMA tile height
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -402,7 +398,7 @@ def omni_hopper_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   t = q_BTHK.shape[1]
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
-  lo, hi = key_bounds(info, kind)
+  lo, hi = key_bounds_BT(info, kind)
   pad = (-t) % BLOCK
   if pad:
     pad_tok = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))

@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
+from tuna2_jax import layout
 from tuna2_jax import sharding
-from tuna2_jax.kernels.omni_flash import check_self_attention, key_bounds
-
-if TYPE_CHECKING:
-  from tuna2_jax.models.attention import MaskInfo
+from tuna2_jax.kernels.omni_flash import check_self_attention
 
 _LANES = 128  # splash's block sizes are multiples of a TPU vreg's lane count
 
@@ -195,8 +191,9 @@ def _span(cfg: _Config, q, k, v, q_run, kv_run, band):
   return jax.vmap(row)(q, k, v, q_run, kv_run)
 
 
-def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str = 'omni',
-                          block: int = 512, interpret: bool | None = None) -> jax.Array:
+def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,
+                          kind: str = 'omni', block: int = 512,
+                          interpret: bool | None = None) -> jax.Array:
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
   The block is `block`, or T rounded up to 128 for shorter rows; T is padded to a multiple of
@@ -212,8 +209,8 @@ def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   block = min(block, -(-t // _LANES) * _LANES)
   pad = (-t) % block
   seg = info.segment_ids
-  lo, hi = key_bounds(info, kind)
-  span_lo, span_hi = (lo, hi) if kind == 'span' else key_bounds(info, 'span')
+  lo, hi = layout.key_bounds_BT(info, kind)  # checks the kind
+  span_lo, span_hi = (lo, hi) if kind == 'span' else layout.key_bounds_BT(info, 'span')
   in_span = span_hi >= 0
   if pad:
     pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
@@ -239,9 +236,7 @@ def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
   if kind == 'omni':
     out = _omni(cfg, q, k, v, seg.astype(jnp.int32), q_run, kv_run,
                 jnp.where(reach > 0, band + 1, 0))
-  elif kind == 'span':
-    out = _span(cfg, q, k, v, q_run, kv_run, band)
   else:
-    raise ValueError(f'attention kind {kind!r}: expected omni or span')
+    out = _span(cfg, q, k, v, q_run, kv_run, band)
   out = heads_first(out)[:, :t]
   return jnp.where(valid[:, :, None, None], out, 0).astype(q_BTHK.dtype)

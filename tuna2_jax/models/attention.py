@@ -1,13 +1,9 @@
 """Omni attention: the single attention entry point of the project.
 
 Every attention layer (decoder, flow head, vision encoder) calls `attention` with q, k, v and a
-description of the mask rather than a dense mask, so faster kernels can plug in behind it. The
-dense implementation here is the reference the other kernels are tested against.
-
-Mask rule ("omni"): query i may attend key j iff both are in the same packed segment (segment
-id != 0) and either j is not after i (causal, by position) or both lie in the same image span
-(bidirectional inside an image, time token included). The "span" kind drops the causal part:
-tokens only see their own span (the vision encoder, which runs per image).
+description of the mask (layout.MaskInfo) rather than a dense mask, so faster kernels can plug
+in behind it. The dense implementation here is the reference the other kernels are tested
+against. The mask rule ("omni", and the per-image "span" kind) and its forms live in layout.py.
 
 Kernels (config `model.attention`):
   dense       the reference below: an explicit [B, T, S] mask; any backend, any layout (KV cache).
@@ -37,11 +33,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from tuna2_jax import layout
 from tuna2_jax import sharding
 
-KINDS = ('omni', 'span')
 # Logical axes of attention's inputs, for kernels run per shard (sharding.per_shard).
 QUERY_AXES = ('batch', 'activation_length', 'heads', None)
 KV_AXES = ('batch', 'activation_length', 'kv_heads', None)
@@ -51,34 +46,6 @@ BLOCKWISE = ('omni_hopper', 'omni_flash', 'splash')  # self-attention kernels ov
 AUTO_ORDER = {'gpu': ('omni_hopper', 'omni_flash'), 'tpu': ('splash',)}
 # Finite so that fully masked rows (padding) give a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-@struct.dataclass
-class MaskInfo:
-  """Per-token mask description for one side (queries or keys) of attention.
-
-  segment_ids_BT: 0 marks padding; tokens attend only inside their own segment.
-  positions_BT: order inside a segment; causality compares positions, so it also holds for a
-    KV cache whose slots are not in sequence order.
-  span_ids_BT: 0 for text; tokens sharing a non-zero id attend to each other both ways.
-  """
-  segment_ids: jax.Array
-  positions: jax.Array
-  span_ids: jax.Array
-
-
-def omni_mask(q: MaskInfo, kv: MaskInfo, kind: str = 'omni') -> jax.Array:
-  """Boolean mask [B, T, S]: True where query t may attend key s."""
-  if kind not in KINDS:
-    raise ValueError(f'attention kind {kind!r}: expected one of {KINDS}')
-  q_seg, kv_seg = q.segment_ids[:, :, None], kv.segment_ids[:, None, :]
-  same_segment = (q_seg == kv_seg) & (q_seg != 0)
-  q_span, kv_span = q.span_ids[:, :, None], kv.span_ids[:, None, :]
-  same_span = (q_span == kv_span) & (q_span != 0)
-  if kind == 'span':
-    return same_segment & same_span
-  causal = kv.positions[:, None, :] <= q.positions[:, :, None]
-  return same_segment & (causal | same_span)
 
 
 def dense_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jax.Array:
@@ -171,15 +138,14 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
   return order[-1]
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
+def attention(q_BTHK, k_BSGK, v_BSGK, q_info: layout.MaskInfo, kv_info: layout.MaskInfo, *,
               kind: str = 'omni', impl: str = 'dense') -> jax.Array:
   """The attention entry point: [B,T,H,K] queries against [B,S,G,K] keys/values -> [B,T,H,K].
 
   The blockwise kernels (BLOCKWISE, and auto's use of them) need q_info is kv_info:
   self-attention over packed rows; KV-cache calls pass a separate kv_info and run dense.
   """
-  if kind not in KINDS:
-    raise ValueError(f'attention kind {kind!r}: expected one of {KINDS}')
+  layout.check_kind(kind)
   impl = resolve_impl(impl, dtype=q_BTHK.dtype, head_dim=q_BTHK.shape[-1],
                       self_attention=q_info is kv_info)
   if impl in BLOCKWISE:
@@ -192,13 +158,13 @@ def attention(q_BTHK, k_BSGK, v_BSGK, q_info: MaskInfo, kv_info: MaskInfo, *,
       from tuna2_jax.kernels.omni_splash import omni_splash_attention as blockwise
 
     def kernel(q, k, v, segment_ids, positions, span_ids):
-      return blockwise(q, k, v, MaskInfo(segment_ids, positions, span_ids), kind=kind)
+      return blockwise(q, k, v, layout.MaskInfo(segment_ids, positions, span_ids), kind=kind)
 
     # Rows (and heads, under tensor parallelism) are independent: each device runs its shard.
     q_axes, kv_axes, row_axes = QUERY_AXES, KV_AXES, ('batch', 'activation_length')
     return sharding.per_shard(kernel, (q_axes, kv_axes, kv_axes) + (row_axes,) * 3, q_axes)(
         q_BTHK, k_BSGK, v_BSGK, q_info.segment_ids, q_info.positions, q_info.span_ids)
-  mask_BTS = omni_mask(q_info, kv_info, kind)
+  mask_BTS = layout.omni_mask_BTS(q_info, kv_info, kind)
   if impl == 'cudnn':
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_BTS[:, None],
                                         implementation='cudnn')

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tuna2_jax.models import attention as attn_lib
+from tuna2_jax import layout
 from tuna2_jax.models import rope as rope_lib
 from tuna2_jax.models.transformer import (EMBED, VOCAB, SelfAttention, SwiGLU, dense, make_stack,
                                           rms_norm, run_stack)
@@ -53,7 +53,7 @@ class Decoder(nnx.Module):
         cfg.width, vocab_size, (EMBED, VOCAB), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
         init=nnx.initializers.normal(0.02))
 
-  def __call__(self, x_BTD, q_info: attn_lib.MaskInfo, kv_info: attn_lib.MaskInfo | None = None,
+  def __call__(self, x_BTD, q_info: layout.MaskInfo, kv_info: layout.MaskInfo | None = None,
                cache: dict | None = None) -> tuple[jax.Array, dict | None]:
     """Input embeddings [B, T, D] -> final-normed hidden states [B, T, D] (and updated cache).
 

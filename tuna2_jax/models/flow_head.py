@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tuna2_jax.models import attention as attn_lib
+from tuna2_jax import layout
 from tuna2_jax.models import rope as rope_lib
 from tuna2_jax.models.timestep import TimestepEmbedder
 from tuna2_jax.models.transformer import (EMBED, PATCH, SelfAttention, SwiGLU, dense, make_stack,
@@ -129,8 +129,8 @@ class FlowHead(nnx.Module):
     self.final_ada = dense(width, 2 * width, (EMBED, None), bias=True, init=_ZEROS, **kw)
     self.out = dense(width, patch_dim, (EMBED, PATCH), bias=True, init=_ZEROS, **kw)
 
-  def __call__(self, hidden_BTD, c_BSD, span_ids_BT, rope, q_info: attn_lib.MaskInfo,
-               kv_info: attn_lib.MaskInfo | None = None,
+  def __call__(self, hidden_BTD, c_BSD, span_ids_BT, rope, q_info: layout.MaskInfo,
+               kv_info: layout.MaskInfo | None = None,
                cache: dict | None = None) -> tuple[jax.Array, dict | None]:
     """Decoder hidden states [B,T,D] -> predicted clean pixel blocks [B,T,p*p*3] (float32).
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tuna2_jax.models import attention as attn_lib
+from tuna2_jax import layout
 from tuna2_jax.models.transformer import EMBED, VOCAB, dense, dtype_of, make_stack, run_stack
 from tuna2_jax.models.vision_encoder import EncoderBlock, VisionEncoder
 
@@ -44,10 +44,9 @@ class TextTower(nnx.Module):
 
   def __call__(self, tokens_BL: jax.Array, valid_BL: jax.Array) -> jax.Array:
     """Caption token ids [B, L] (valid_BL marks real tokens) -> pooled features [B, Wt]."""
-    b, length = tokens_BL.shape
+    length = tokens_BL.shape[1]
     h = self.embed(tokens_BL) + self.pos_embed[...][:length].astype(self.embed.dtype)
-    span = valid_BL.astype(jnp.int32)  # one caption per row: every real token sees the others
-    info = attn_lib.MaskInfo(span, jnp.broadcast_to(jnp.arange(length), (b, length)), span)
+    info = layout.image_info(valid_BL.astype(jnp.int32))  # every real token sees the others
     h, _ = run_stack(self.blocks, h, lambda block, x, _: (block(x, info), None),
                      remat=self.remat)
     return _masked_mean(self.norm(h), valid_BL)
@@ -75,9 +74,7 @@ class Siglip(nnx.Module):
 
     patch_grid_BN4: (row, col, grid rows, grid cols) of each patch.
     """
-    b, n, _ = x_BNP.shape
-    ones = jnp.ones((b, n), jnp.int32)
-    info = attn_lib.MaskInfo(ones, jnp.broadcast_to(jnp.arange(n), (b, n)), ones)
+    info = layout.image_info(jnp.ones(x_BNP.shape[:2], jnp.int32))
     h = self.vision.features(x_BNP, patch_grid_BT4=patch_grid_BN4, info=info)
     z = self.image_proj(self.image_norm(h.mean(axis=1)))
     return z / jnp.linalg.norm(z.astype(jnp.float32), axis=-1, keepdims=True).astype(z.dtype)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models import rope as rope_lib
@@ -74,8 +75,8 @@ class SelfAttention(nnx.Module):
     self.q_norm = rms_norm(head_dim, norm_eps, **kw) if qk_norm else None
     self.k_norm = rms_norm(head_dim, norm_eps, **kw) if qk_norm else None
 
-  def __call__(self, x_BTD, rope: tuple[jax.Array, jax.Array] | None, q_info: attn_lib.MaskInfo,
-               kv_info: attn_lib.MaskInfo, *, kind: str = 'omni',
+  def __call__(self, x_BTD, rope: tuple[jax.Array, jax.Array] | None, q_info: layout.MaskInfo,
+               kv_info: layout.MaskInfo, *, kind: str = 'omni',
                cache: dict | None = None) -> tuple[jax.Array, dict | None]:
     """Returns the output [B, T, D] and, with a cache, the cache holding this call's k and v.
 

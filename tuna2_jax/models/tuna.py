@@ -1,6 +1,6 @@
 """The unified Tuna-2 / Tuna-R model: one decoder over text and image tokens, plus a flow head.
 
-A packed batch (see data/sequence.py) holds, per token: ids, segment ids, positions, image-span
+A packed batch (see layout.py) holds, per token: ids, segment ids, positions, image-span
 ids, patch/time-token flags, 3D RoPE coordinates and the patch's (row, col). The model embeds
 text with the token table, patches with the visual input ('patch' = Tuna-2, 'encoder' = Tuna-R)
 and each span's time token with the timestep embedding of that image's t, runs the decoder, and
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tuna2_jax import layout
 from tuna2_jax import objectives
 from tuna2_jax import sharding
-from tuna2_jax.data.sequence import FIELDS
-from tuna2_jax.models.attention import IMPLS, MaskInfo
+from tuna2_jax.models.attention import IMPLS
 from tuna2_jax.models.decoder import Decoder
 from tuna2_jax.models.flow_head import FlowHead, head_rope, per_token, timestep_embedder
 from tuna2_jax.models.patch_embed import PatchEmbed
@@ -76,15 +76,6 @@ def span_times(t_BT, span_ids_BT, max_spans: int) -> jax.Array:
   return jnp.where((ids_S == 0) | ~jnp.isfinite(t_BS), 1.0, t_BS)
 
 
-def mask_info(batch: dict) -> MaskInfo:
-  return MaskInfo(batch['segment_ids'], batch['positions'], batch['span_ids'])
-
-
-def slots(batch: dict, start: int, stop: int) -> dict:
-  """The per-token fields of a batch at slots [start, stop)."""
-  return {k: v[:, start:stop] for k, v in batch.items() if k in FIELDS}
-
-
 class Tuna(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     validate_model_config(cfg)
@@ -110,8 +101,8 @@ class Tuna(nnx.Module):
     embedder = self.time_token if self.head.time_embed is None else self.head.time_embed
     return embedder(t_BS)
 
-  def run_head(self, hidden_BTD, t_BT, batch: dict, q_info: MaskInfo,
-               kv_info: MaskInfo | None = None, cache: dict | None = None):
+  def run_head(self, hidden_BTD, t_BT, batch: dict, q_info: layout.MaskInfo,
+               kv_info: layout.MaskInfo | None = None, cache: dict | None = None):
     """The flow head over a batch's slots: (x_hat [B, T, p*p*3], cache).
 
     The conditioning and every block's modulation run once per image span (span_times), not
@@ -128,10 +119,8 @@ class Tuna(nnx.Module):
     x_BTP: pixel blocks in [-1, 1] (noised at generation targets); t_BT: each token's image t.
     """
     h_BTD = self.decoder.embed(batch['tokens'])
-    patch_info = MaskInfo(batch['segment_ids'], batch['positions'],
-                          jnp.where(batch['is_patch'], batch['span_ids'], 0))
     v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT,
-                        patch_grid_BT4=batch['patch_grid'], info=patch_info)
+                        patch_grid_BT4=batch['patch_grid'], info=layout.patch_info(batch))
     h_BTD = jnp.where(batch['is_patch'][..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
     # One embedding per image span, gathered at its time token.
     t_BS = span_times(t_BT, batch['span_ids'], self.max_spans)
@@ -142,7 +131,7 @@ class Tuna(nnx.Module):
   def __call__(self, batch: dict, x_BTP: jax.Array, t_BT: jax.Array,
                drop_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Training / full-sequence forward: (decoder hidden [B,T,D], x_hat [B,T,p*p*3])."""
-    info = mask_info(batch)
+    info = layout.row_info(batch)
     # Split like the rows, so that the per-token time embeddings [B, T, D] computed from t (time
     # tokens, the head's conditioning) are too, not replicated with all-reduces.
     t_BT = sharding.constrain(t_BT, RESIDUAL[:2])
@@ -157,8 +146,8 @@ class Tuna(nnx.Module):
     keys and values serve every later call of `extend` unchanged (the prompt cache of
     text -> image sampling).
     """
-    pre = slots(batch, 0, length)
-    kv_info = mask_info(slots(batch, 0, slots_total))
+    pre = layout.take_slots(batch, 0, length)
+    kv_info = layout.row_info(layout.take_slots(batch, 0, slots_total))
     b = batch['tokens'].shape[0]
     ones_BT = jnp.ones(pre['tokens'].shape, jnp.float32)
     h_BTD = self.embed(pre, objectives.to_unit_range(pre['patches']), ones_BT)
@@ -167,15 +156,17 @@ class Tuna(nnx.Module):
                                dec.cfg.head_dim, dec.dtype)
     head_cache = empty_kv_cache(head.cfg.num_layers, b, slots_total, head.cfg.num_kv_heads,
                                 head.cfg.head_dim, head.dtype)
-    hidden_BTD, dec_cache = dec(h_BTD, mask_info(pre), kv_info, dec_cache)
-    _, head_cache = self.run_head(hidden_BTD, ones_BT, pre, mask_info(pre), kv_info, head_cache)
+    pre_info = layout.row_info(pre)
+    hidden_BTD, dec_cache = dec(h_BTD, pre_info, kv_info, dec_cache)
+    _, head_cache = self.run_head(hidden_BTD, ones_BT, pre, pre_info, kv_info, head_cache)
     return {'decoder': dec_cache, 'head': head_cache}
 
   def extend(self, batch: dict, x_BSP: jax.Array, t_BS: jax.Array, caches: dict, start: int,
              stop: int) -> jax.Array:
     """x_hat [B, S, p*p*3] at slots [start, stop) on top of `prefill`'s caches of [0, start)."""
-    suffix = slots(batch, start, stop)
-    q_info, kv_info = mask_info(suffix), mask_info(slots(batch, 0, stop))
+    suffix = layout.take_slots(batch, start, stop)
+    q_info = layout.row_info(suffix)
+    kv_info = layout.row_info(layout.take_slots(batch, 0, stop))
     at = lambda c: dict(c, index=jnp.asarray(start, jnp.int32))
     hidden_BSD, _ = self.decoder(self.embed(suffix, x_BSP, t_BS), q_info, kv_info,
                                  at(caches['decoder']))

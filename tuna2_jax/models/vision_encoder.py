@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tuna2_jax.models import attention as attn_lib
+from tuna2_jax import layout
 from tuna2_jax.models.patch_embed import mask_token
 from tuna2_jax.models.transformer import (EMBED, MLP, PATCH, SelfAttention, dense, make_stack,
                                           rms_norm, run_stack)
@@ -66,7 +66,7 @@ class EncoderBlock(nnx.Module):
     self.fc1 = dense(cfg.width, cfg.mlp_dim, (EMBED, MLP), bias=True, **kw)
     self.fc2 = dense(cfg.mlp_dim, cfg.width, (MLP, EMBED), bias=True, **kw)
 
-  def __call__(self, x_BTD, info: attn_lib.MaskInfo):
+  def __call__(self, x_BTD, info: layout.MaskInfo):
     h, _ = self.attn(self.norm1(x_BTD), None, info, info, kind='span')
     x_BTD = x_BTD + h
     return x_BTD + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x_BTD)), approximate=True))
@@ -97,7 +97,7 @@ class VisionEncoder(nnx.Module):
       self.connector_fc2 = dense(out_width, out_width, (EMBED, EMBED), bias=True, **kw)
 
   def __call__(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
-               patch_grid_BT4: jax.Array, info: attn_lib.MaskInfo) -> jax.Array:
+               patch_grid_BT4: jax.Array, info: layout.MaskInfo) -> jax.Array:
     """Pixel blocks [B, T, p*p*3] -> decoder-width tokens [B, T, D] (meaningful at patches).
 
     patch_grid_BT4: (row, col, grid rows, grid cols) of each patch in its image.
@@ -108,7 +108,7 @@ class VisionEncoder(nnx.Module):
     return self.connector_fc2(jax.nn.gelu(h_BTD, approximate=False))
 
   def features(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
-               patch_grid_BT4: jax.Array, info: attn_lib.MaskInfo) -> jax.Array:
+               patch_grid_BT4: jax.Array, info: layout.MaskInfo) -> jax.Array:
     """The ViT's last layer's hidden states [B, T, We], before the connector."""
     h_BTE = self.patch(x_BTP)
     if drop_BT is not None:
