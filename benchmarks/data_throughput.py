@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 'experiments'))
 
 import tuna2_data  # noqa: E402
-from tuna2_jax.data import convert, pipeline, shapes  # noqa: E402
+from tuna2_jax.data import build_records, pipeline, shapes  # noqa: E402
 from tuna2_jax.data import images as images_lib  # noqa: E402
 from tuna2_jax.data.tokenizer import Tokenizer  # noqa: E402
 
@@ -136,8 +136,8 @@ def main():
 
     with one_core():
       t0, c0 = time.perf_counter(), time.process_time()
-      summary = convert.convert(jsonl, 't2i', os.path.join(root, 'ar'), num_shards=4,
-                                workers=0, log=lambda m: None)
+      summary = build_records.convert(jsonl, 't2i', os.path.join(root, 'ar'), num_shards=4,
+                                      workers=0, log=lambda m: None)
       wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = summary['records']
     print(f'converter (1 process on 1 core, {n} records): {n / wall:.0f} records/s per core '

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
   for b in map(int, args.batch_sizes.split(',')):
     batch = generation_batch(rng, b, args.prompt_tokens, size, p, vocab)
     run = lambda cache: sampling.sample_images(
-        model, batch, jax.random.key(0), steps=args.steps, sampler='euler',
+        model, batch, jax.random.key(0), config.flow, steps=args.steps, sampler='euler',
         cfg_scale=args.cfg_scale, prompt_cache=cache)
     cached, full = timed(lambda: run(True), args.repeats), timed(lambda: run(False), args.repeats)
     out[f't2i_b{b}'] = dict(cached_images_per_s=b / cached, full_images_per_s=b / full,

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
   # A 16 x 16 x 3 patch of a mostly black scene shows its object through noise of scale 1 from
   # t ~ 0.1, so the layout would be decided in a band of t that training rarely samples; more
   # noise widens that band (the paper likewise scales noise with resolution).
-  c.objective.noise_scale = 3.0
+  c.flow.noise_scale = 3.0
   c.sampling.update(sampler='heun', steps=16, cfg_scale=2.0)
   c.eval.update(num_vqa=200, num_gen=64, num_caption=48)
 

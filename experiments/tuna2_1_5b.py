@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 1_000
   c.data.image_size = 512
   c.optim.update(lr=1e-4, warmup_steps=1_000, ema_decay=0.9999)
-  c.objective.update(noise_scale=2.0, mmu_noisy_prob=0.1)
+  c.flow.update(noise_scale=2.0, mmu_noisy_prob=0.1)
   c.masking.update(enabled=True, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5)
   c.sampling.update(sampler='euler', steps=50, cfg_scale=3.0)
   if args.runlocal:

@@ -18,7 +18,8 @@ Compiled for a v5p-128 from a CPU host (pip install -e '.[tpu-aot]'; docs/scalin
 fsdp=64, 4 rows of 16k tokens per chip, splash: peak 86.8 GiB per chip of 95.74 GiB HBM
 (90.6%, fits; the 85% target is not yet met).
 
-Args: runlocal=True shrinks the widths for a smoke run with the same structure.
+Args: vision=patch|encoder (encoder: Tuna-R, tuna_r_7b.py); runlocal=True shrinks the widths
+for a smoke run with the same structure.
 """
 
 from tuna2_jax import config_lib
@@ -36,9 +37,9 @@ def model_config(vision: str):
       encoder=config_lib.siglip2_so400m_16())
 
 
-def get_config(arg: str | None = None, vision: str = 'patch'):
-  args = config_lib.parse_arg(arg, runlocal=False)
-  c = config_lib.base(model_config(vision))
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, runlocal=False, vision='patch')
+  c = config_lib.base(model_config(args.vision))
   c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
   # The official model's conventions (README "Official weights"), except the pixel layout: new
   # training keeps the exact one; tuna2_7b_restore.py (official weights) sets 'official'.
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None, vision: str = 'patch'):
   c.data.tokenizer = ''
   c.data.weights.update(t2i=0.5, edit=0.06, mmu=0.24, text=0.2)
   c.optim.update(lr=1e-4, warmup_steps=1_000, ema_decay=0.9999)
-  c.objective.update(noise_scale=2.0, mmu_noisy_prob=0.1)
+  c.flow.update(noise_scale=2.0, mmu_noisy_prob=0.1)
   c.masking.update(enabled=True, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5)
   c.sampling.update(sampler='euler', steps=50, cfg_scale=3.0)
   c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -49,7 +49,7 @@ def restore(c, runlocal: bool):
   c.data.weights.update(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)
   c.optim.update(lr=2e-5, weight_decay=0.01, warmup_steps=1_000, schedule='constant',
                  ema_decay=0.9999)
-  c.objective.update(noise_scale=2.0, mmu_noisy_prob=0.1, mmu_noisy_max=0.1)
+  c.flow.update(noise_scale=2.0, mmu_noisy_prob=0.1, mmu_noisy_max=0.1)
   c.masking.update(enabled=c.model.vision == 'patch', start_fraction=0.0, sample_prob=0.3,
                    max_ratio=0.3)
   if runlocal:  # tuna2_7b.py:runlocal's tiny widths and vocabulary on the shapes data
@@ -60,8 +60,8 @@ def restore(c, runlocal: bool):
   return c
 
 
-def get_config(arg: str | None = None, vision: str = 'patch'):
-  args = config_lib.parse_arg(arg, runlocal=False)
+def get_config(arg: str | None = None):
+  args = config_lib.parse_arg(arg, runlocal=False, vision='patch')
   if args.runlocal:
-    return restore(tuna2_7b.get_config('runlocal=True', vision=vision), runlocal=True)
-  return restore(tuna2_data.get_config(f'vision={vision}'), runlocal=False)
+    return restore(tuna2_7b.get_config(f'runlocal=True,vision={args.vision}'), runlocal=True)
+  return restore(tuna2_data.get_config(f'vision={args.vision}'), runlocal=False)

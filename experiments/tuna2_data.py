@@ -1,7 +1,7 @@
 r"""Tuna-2 on real data: a weighted mixture of task streams, packed into fixed-length rows.
 
 Each stream is a JSON-lines file in the reference format, an ArrayRecord folder written by
-`python -m tuna2_jax.data.convert`, tfds:NAME[:SPLIT] (pip install "tuna2_jax[tfds]") or
+`python -m tuna2_jax.data.build_records`, tfds:NAME[:SPLIT] (pip install "tuna2_jax[tfds]") or
 'shapes' (the embedded dataset); '' leaves a stream out.
 
   python -m tuna2_jax.train --config=experiments/tuna2_data.py --workdir=gs://BUCKET/run \
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.data.image_size = 64  # the shapes streams' image side
     buckets = BUCKETS['64']
   else:
-    c = tuna2_7b.get_config(None, vision=args.vision)
+    c = tuna2_7b.get_config(f'vision={args.vision}')
     if args.buckets not in ('512', '1024'):
       raise ValueError(f'buckets={args.buckets!r}: expected 512 or 1024')
     buckets = BUCKETS[args.buckets]

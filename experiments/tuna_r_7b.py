@@ -19,6 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tuna2_7b  # noqa: E402  (the sibling config this one differs from in one key)
 
+from tuna2_jax import config_lib  # noqa: E402
+
 
 def get_config(arg: str | None = None):
-  return tuna2_7b.get_config(arg, vision='encoder')
+  return tuna2_7b.get_config(config_lib.with_arg(arg, vision='encoder'))

@@ -18,9 +18,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tuna2_7b  # noqa: E402
 
+from tuna2_jax import config_lib  # noqa: E402
+
 
 def get_config(arg: str | None = None):
-  c = tuna2_7b.get_config(arg, vision='encoder')
+  c = tuna2_7b.get_config(config_lib.with_arg(arg, vision='encoder'))
   c.optim.update(trainable='connector', lr=5e-4, warmup_steps=100, schedule='constant')
   c.masking.enabled = False
   if c.total_steps > 4:  # runlocal keeps its few steps

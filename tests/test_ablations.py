@@ -46,7 +46,7 @@ def test_arms_share_seed_steps_data_and_schedule():
   configs = [_arm(name, 'seed=3') for name in ARMS]
   for a, b in itertools.combinations(configs, 2):
     for key in ('seed', 'total_steps', 'batch_size', 'seq_len', 'data', 'optim', 'eval',
-                'sampling', 'objective'):
+                'sampling', 'objective', 'flow'):
       assert a[key] == b[key], key
   assert configs[0].seed == 3 and configs[0].eval.metrics_every > 0
   assert {c.ablation.arm for c in configs} == set(ARMS)

@@ -139,6 +139,7 @@ def test_evaluate_writes_eval_json(workdir):
 
 @pytest.mark.parametrize('overrides, named', [
     (['--config.model.not_a_key=1'], 'not_a_key'),
+    (['--config.objective.noise_scale=2'], '--config.flow.noise_scale=2'),  # a key that moved
     (['--config.model.patch_size=5'], 'divisible'),
     (['--config.model.decoder.num_heads=6', '--config.model.decoder.num_kv_heads=6'],
      'num_heads'),

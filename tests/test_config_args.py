@@ -26,3 +26,21 @@ def test_experiment_loads_with_bare_runlocal(tmp_path):
   from conftest import load_experiment
   bare, explicit = load_experiment('shapes', 'runlocal'), load_experiment('shapes', 'runlocal=True')
   assert bare.to_dict() == explicit.to_dict()
+
+
+def test_with_arg_pins_a_key_and_refuses_another_value():
+  assert config_lib.with_arg(None, vision='encoder') == 'vision=encoder'
+  assert config_lib.with_arg('runlocal,vision=encoder', vision='encoder') == \
+      'runlocal,vision=encoder'
+  with pytest.raises(ValueError, match='fixes vision=encoder'):
+    config_lib.with_arg('vision=patch', vision='encoder')
+
+
+@pytest.mark.parametrize('tuna_r, tuna2', [('tuna_r_7b', 'tuna2_7b'),
+                                           ('tuna_r_7b_sft', 'tuna2_7b_sft'),
+                                           ('tuna_r_7b_restore', 'tuna2_7b_restore')])
+def test_tuna_r_configs_are_their_tuna2_config_with_vision_encoder(tuna_r, tuna2):
+  from conftest import load_experiment
+  for arg in ('', 'runlocal=True,'):
+    assert load_experiment(tuna_r, arg or None).to_dict() == \
+        load_experiment(tuna2, f'{arg}vision=encoder').to_dict()

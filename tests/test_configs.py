@@ -102,3 +102,16 @@ def test_shapes_encoder_variant_builds_a_vision_encoder():
   assert config.model.encoder.num_layers == len(model.vision.blocks.attn.q_proj.kernel)
   model = nnx.eval_shape(lambda: train_state.build_model(load_experiment('shapes')))
   assert isinstance(model.vision, PatchEmbed)
+
+
+def test_a_config_recorded_before_the_flow_keys_moved_reads_with_them_moved(tmp_path):
+  """A workdir of an older release (objective.noise_scale, ...) resumes and evaluates as before."""
+  import json
+  from tuna2_jax import config_history
+  old = load_experiment('shapes').to_dict()
+  flow = old.pop('flow')
+  old['objective'].update(flow)
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  read = json.loads(config_history.read(str(tmp_path)))
+  new = json.loads(json.dumps(load_experiment('shapes').to_dict()))
+  assert read['flow'] == flow and config_history.changes(read, new) == {}

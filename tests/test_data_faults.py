@@ -22,8 +22,7 @@ import fake_data
 from conftest import load_experiment
 from test_data_records import png_header_only
 from tuna2_jax import train
-from tuna2_jax.data import convert, packing, pipeline, records
-from tuna2_jax.data import sequence as seq
+from tuna2_jax.data import build_records, packing, pipeline, records
 from tuna2_jax.data.tokenizer import Tokenizer
 
 STEPS = 20
@@ -154,8 +153,8 @@ def test_array_record_conversion_and_training_count_every_bad_record_exactly(cor
                                                                             tmp_path):
   path, labels = corpus
   out = str(tmp_path / 'ar')
-  assert convert.main(['--jsonl', path, '--task', 't2i', '--output', out, '--num_shards', '2',
-                       '--workers', '0']) == 0
+  assert build_records.main(['--jsonl', path, '--task', 't2i', '--output', out,
+                             '--num_shards', '2', '--workers', '0']) == 0
   meta = json.load(open(os.path.join(out, 'meta.json')))
   injected = collections.Counter(r for r in labels if r)
   # The converter skips every bad record but the one too long for seq_len, which it cannot know.

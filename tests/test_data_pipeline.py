@@ -17,8 +17,8 @@ from flax import nnx
 
 import fake_data
 from conftest import load_experiment, perturbed_params
-from tuna2_jax import objectives, train, train_state
-from tuna2_jax.data import convert, packing, pipeline, records, shapes
+from tuna2_jax import flow, objectives, train, train_state
+from tuna2_jax.data import build_records, packing, pipeline, records, shapes
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 from tuna2_jax.layout import FIELDS, TASK_IDS
@@ -115,7 +115,7 @@ def test_first_fit_packing_keeps_every_sample_whole_and_counts_faults():
 
 def _per_token_losses(model, batch, x_BTP, t_BT, x_t_BTP, t_eps):
   hidden, x_hat = model(batch, x_t_BTP, t_BT, None)
-  logits = jnp.einsum('btd,dv->btv', hidden, model.decoder.head_weight().astype(hidden.dtype))
+  logits = jnp.einsum('btd,dv->btv', hidden, model.decoder.lm_head_weight().astype(hidden.dtype))
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
       logits, batch['targets'][..., None], -1)[..., 0]
   flow = jnp.mean(jnp.square(x_hat - x_BTP), -1) / jnp.maximum(1 - t_BT, t_eps) ** 2
@@ -153,7 +153,7 @@ def test_packed_per_sample_losses_equal_the_unpacked_ones():
   x = objectives.to_unit_range(batch['patches'])
   x_t = t[..., None] * x + (1 - t[..., None]) * e
   losses = nnx.jit(_per_token_losses, static_argnums=(5,))
-  nll, flow = map(np.asarray, losses(model, batch, x, t, x_t, config.objective.t_eps))
+  nll, flow = map(np.asarray, losses(model, batch, x, t, x_t, config.flow.t_eps))
   packed_seg = np.asarray(batch['segment_ids'][0])
   for i, s in enumerate(samples):
     n = len(s['tokens'])
@@ -172,7 +172,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
   there must equal its losses in the packed row with only its tokens counted.
   """
   config = load_experiment('shapes', 'runlocal=True')
-  config.objective.mmu_noisy_prob = 1.0  # understanding images noised too (per span)
+  config.flow.mmu_noisy_prob = 1.0  # understanding images noised too (per span)
   model = perturbed_params(train_state.build_model(config))
   rng = np.random.default_rng(3)
   samples = [_random_sample(rng, t) for t in ('t2i', 'mmu', 'edit', 'text', 't2i', 'mmu')]
@@ -187,7 +187,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
   as_batch = lambda row: {k: jnp.asarray(v[None]) for k, v in row.items()}
 
   # One t per span, independent across the spans of different samples.
-  t = np.asarray(objectives.sample_timesteps(key, as_batch(packed), config.objective))[0]
+  t = np.asarray(flow.sample_timesteps(key, as_batch(packed), config.flow))[0]
   spans = np.unique(packed['span_ids'][packed['span_ids'] > 0])
   noised = []
   for k in spans:
@@ -196,7 +196,7 @@ def test_the_objective_sees_each_packed_sample_as_if_alone():
     if packed['gen_mask'][idx].all():
       assert 0 < t[idx][0] < 1
     elif packed['task'][idx][0] == TASK_IDS['mmu']:
-      assert 1 - config.objective.mmu_noisy_max <= t[idx][0] < 1
+      assert 1 - config.flow.mmu_noisy_max <= t[idx][0] < 1
     else:
       assert t[idx][0] == 1  # an editing source stays clean
     noised += [t[idx][0]] if t[idx][0] < 1 else []
@@ -296,8 +296,8 @@ def test_two_processes_see_disjoint_records(tmp_path, tok, kind):
   path = fake_data.write_jsonl(str(tmp_path / 'docs.jsonl'), [{'text': d} for d in docs])
   if kind == 'array_record':
     path = str(tmp_path / 'docs_ar')
-    convert.convert(str(tmp_path / 'docs.jsonl'), 'text', path, num_shards=3, workers=0,
-                    log=lambda m: None)
+    build_records.convert(str(tmp_path / 'docs.jsonl'), 'text', path, num_shards=3, workers=0,
+                          log=lambda m: None)
   seen = []
   for index in range(2):
     c = _config(text=path)
@@ -341,7 +341,7 @@ def test_skipped_records_are_logged_with_their_location_rate_limited(tmp_path, t
   # ArrayRecord records are named by folder and index, with the line they were converted from.
   corpus = fake_data.write_corpus(str(tmp_path / 'corpus'))
   folder = str(tmp_path / 't2i_ar')
-  convert.convert(corpus['t2i'], 't2i', folder, workers=0, log=lambda m: None)
+  build_records.convert(corpus['t2i'], 't2i', folder, workers=0, log=lambda m: None)
   caplog.clear()
   ds = pipeline.stream_dataset(_config(t2i=folder), 't2i', folder, tok)
   assert sum(packing.FAULT_KEY in ds[i] for i in range(9)) == 1  # the caption too long to fit

@@ -16,7 +16,7 @@ from PIL import Image
 import fake_data
 from conftest import load_experiment
 from tuna2_jax import cli, layout
-from tuna2_jax.data import convert, images, packing, pipeline, records, sources, tasks
+from tuna2_jax.data import build_records, images, packing, pipeline, records, sources, tasks
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -160,8 +160,8 @@ def test_a_surrogate_reaches_neither_the_tokenizer_nor_the_converter(tmp_path, t
   reasons = [records.FAULT_REASONS[int(make(i, items[i])[packing.FAULT_KEY])] for i in range(2)]
   assert reasons == ['bad_text', 'bad_field']
   lines = []
-  assert convert.convert(str(path), 't2i', str(tmp_path / 'ar'), workers=0,
-                         log=lines.append)['skipped'] == {'bad_text': 1, 'bad_field': 1}
+  assert build_records.convert(str(path), 't2i', str(tmp_path / 'ar'), workers=0,
+                               log=lines.append)['skipped'] == {'bad_text': 1, 'bad_field': 1}
   assert f'{path}:1: bad_text' in lines[0] and f'{path}:2: bad_field' in lines[1]
 
 
@@ -244,13 +244,13 @@ def test_a_failed_conversion_leaves_nothing_and_a_rerun_succeeds(tmp_path, monke
 
   import array_record.python.array_record_module as arm  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(arm, 'ArrayRecordWriter', FullDisk)
-  assert convert.main(['--jsonl', corpus['text'], '--task', 'text', '--output', str(out),
-                       '--workers', '0']) == convert.EXIT_WRITE_FAILED
+  assert build_records.main(['--jsonl', corpus['text'], '--task', 'text', '--output', str(out),
+                             '--workers', '0']) == build_records.EXIT_WRITE_FAILED
   assert 'No space left on device' in capsys.readouterr().err
   assert os.listdir(tmp_path / 'out') == []  # no output, no staging folder
   monkeypatch.undo()
 
-  real, seen = convert.LineConverter._convert, []
+  real, seen = build_records.LineConverter._convert, []
 
   def interrupted(self, line, where):  # Ctrl-C at the fifth record
     seen.append(where)
@@ -258,27 +258,28 @@ def test_a_failed_conversion_leaves_nothing_and_a_rerun_succeeds(tmp_path, monke
       raise KeyboardInterrupt
     return real(self, line, where)
 
-  monkeypatch.setattr(convert.LineConverter, '_convert', interrupted)
+  monkeypatch.setattr(build_records.LineConverter, '_convert', interrupted)
   with pytest.raises(KeyboardInterrupt):
-    convert.convert(corpus['t2i'], 't2i', str(out), workers=0, log=lambda m: None)
+    build_records.convert(corpus['t2i'], 't2i', str(out), workers=0, log=lambda m: None)
   assert os.listdir(tmp_path / 'out') == []
   monkeypatch.undo()
 
   out.mkdir()  # an empty folder is a fine output
-  assert convert.main(['--jsonl', corpus['t2i'], '--task', 't2i', '--output', str(out),
-                       '--workers', '0']) == 0  # skipped records still exit 0
+  assert build_records.main(['--jsonl', corpus['t2i'], '--task', 't2i', '--output', str(out),
+                             '--workers', '0']) == 0  # skipped records still exit 0
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['records'] == 9 and sum(meta['skipped'].values()) == len(fake_data.BAD_T2I) - 1
   assert sorted(os.listdir(out)) == sorted(meta['files'] + ['meta.json'])
   assert os.listdir(tmp_path / 'out') == ['ar']
   with pytest.raises(FileExistsError, match='not an empty folder'):
-    convert.convert(corpus['t2i'], 't2i', str(out), workers=0, log=lambda m: None)
+    build_records.convert(corpus['t2i'], 't2i', str(out), workers=0, log=lambda m: None)
 
 
 def test_the_trainer_refuses_a_folder_without_a_complete_meta_json(tmp_path):
   corpus = fake_data.write_corpus(str(tmp_path / 'corpus'), bad=False)
   out = tmp_path / 'ar'
-  convert.convert(corpus['text'], 'text', str(out), num_shards=2, workers=0, log=lambda m: None)
+  build_records.convert(corpus['text'], 'text', str(out), num_shards=2, workers=0,
+                        log=lambda m: None)
   pipeline.check_data(_config(text=str(out)))
   shard = out / json.loads((out / 'meta.json').read_text())['files'][1]
   os.rename(shard, tmp_path / 'moved')

@@ -15,7 +15,7 @@ from PIL import Image
 
 import fake_data
 from conftest import load_experiment
-from tuna2_jax.data import convert, images, packing, pipeline, records, sources, tasks
+from tuna2_jax.data import build_records, images, packing, pipeline, records, sources, tasks
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data.tokenizer import Tokenizer
 
@@ -183,8 +183,8 @@ def test_large_jpeg_decodes_at_reduced_scale_to_the_same_size():
 
 def test_converter_round_trip_keeps_bytes_and_text(corpus, tmp_path, tok, capsys):
   out = str(tmp_path / 'ar')
-  assert convert.main(['--jsonl', corpus['t2i'], '--task', 't2i', '--output', out,
-                       '--num_shards', '3', '--workers', '0']) == 0
+  assert build_records.main(['--jsonl', corpus['t2i'], '--task', 't2i', '--output', out,
+                             '--num_shards', '3', '--workers', '0']) == 0
   printed = capsys.readouterr()
   meta = json.load(open(f'{out}/meta.json'))
   want_skips = collections.Counter(r for _, r in fake_data.BAD_T2I if r != 'too_long')
@@ -201,7 +201,7 @@ def test_converter_round_trip_keeps_bytes_and_text(corpus, tmp_path, tok, capsys
     np.testing.assert_array_equal(ex['image'], from_jsonl[k][1]['image'])
     assert from_jsonl[k][0] in where  # the original line travels with the record
   with pytest.raises(FileExistsError):
-    convert.convert(corpus['t2i'], 't2i', out)
+    build_records.convert(corpus['t2i'], 't2i', out)
 
 
 def _shard_records(folder):
@@ -215,7 +215,8 @@ def test_converter_workers_write_the_same_records_with_the_original_image_bytes(
   written = {}
   for workers in (0, 2):
     out = str(tmp_path / f'workers{workers}')
-    convert.convert(corpus['t2i'], 't2i', out, num_shards=3, workers=workers, log=lambda m: None)
+    build_records.convert(corpus['t2i'], 't2i', out, num_shards=3, workers=workers,
+                          log=lambda m: None)
     written[workers] = (_shard_records(out), json.load(open(os.path.join(out, 'meta.json'))))
   assert written[2] == written[0]  # same shards, same records in the same order, same summary
   shards, meta = written[0]
@@ -250,7 +251,7 @@ def test_1024_class_buckets_and_a_1024_class_sample(tok):
 
 def test_converted_folder_of_another_task_is_refused(corpus, tmp_path):
   out = str(tmp_path / 'text_ar')
-  convert.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
+  build_records.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
   with pytest.raises(ValueError, match="holds 'text' records"):
     sources.open_stream('mmu', out)
 
@@ -296,7 +297,7 @@ def test_unusable_sources_stop_the_run_before_training(corpus, tmp_path, monkeyp
     pipeline.check_data(config)
 
   out = str(tmp_path / 'text_ar')
-  convert.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
+  build_records.convert(corpus['text'], 'text', out, workers=0, log=lambda m: None)
   pipeline.check_data(_config(text=out))
   with pytest.raises(ValueError, match="data.mmu=.*text_ar.* holds 'text' records"):
     pipeline.check_data(_config(mmu=out))

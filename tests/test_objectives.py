@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_experiment
-from tuna2_jax import layout, objectives, train_state
+from tuna2_jax import config_lib, flow, layout, objectives, sampling, train_state
 from tuna2_jax.data import sequence as seq
 
 
@@ -25,12 +25,12 @@ def test_flow_loss_matches_numpy_with_t_eps_clamp():
   t[0, :3] = [0.97, 0.999, 1.0]  # 1 - t below t_eps: the weight is capped
   target = rng.random((2, 6)) < 0.6
   target[0, :3] = True
-  loss, count = objectives.flow_loss(x_hat, x, t, target, t_eps=0.05)
+  loss, count = flow.flow_loss(x_hat, x, t, target, t_eps=0.05)
   assert float(count) == target.sum()
   np.testing.assert_allclose(float(loss), _flow_numpy(x_hat, x, t, target, 0.05), rtol=1e-5)
   # Non-target tokens do not count, however wrong their prediction.
   x_hat[~target] += 100.0
-  np.testing.assert_allclose(float(objectives.flow_loss(x_hat, x, t, target, 0.05)[0]),
+  np.testing.assert_allclose(float(flow.flow_loss(x_hat, x, t, target, 0.05)[0]),
                              float(loss), rtol=1e-5)
 
 
@@ -43,7 +43,7 @@ def test_v_loss_equals_weighted_x_loss():
   x_t = t[..., None] * x + (1 - t[..., None]) * e
   v_hat = (x_hat - x_t) / np.maximum(1 - t, 0.05)[..., None]
   v_loss = ((v_hat - (x - e)) ** 2).mean()
-  loss, _ = objectives.flow_loss(jnp.asarray(x_hat, jnp.float32), jnp.asarray(x, jnp.float32),
+  loss, _ = flow.flow_loss(jnp.asarray(x_hat, jnp.float32), jnp.asarray(x, jnp.float32),
                                  jnp.asarray(t, jnp.float32), np.ones((3, 5), bool), t_eps=0.05)
   np.testing.assert_allclose(float(loss), v_loss, rtol=1e-4)
 
@@ -89,13 +89,6 @@ def test_chunked_text_loss_gradient_matches_unchunked():
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
 
 
-def _objective(**overrides):
-  obj = ml_collections.ConfigDict(dict(p_mean=-0.8, p_std=0.8, mmu_noisy_prob=0.0,
-                                       mmu_noisy_max=0.1))
-  obj.update(overrides)
-  return obj
-
-
 def _span_rows(rows: int, seed: int = 0) -> dict:
   """Rows packing a t2i sample (generated image), an mmu sample and an edit sample (clean source,
   generated target); images of 2x2 patches of size 2."""
@@ -122,7 +115,7 @@ def _spans(batch):
 
 def test_sample_timesteps_clean_spans_and_one_t_per_span():
   batch = _span_rows(8)
-  t = np.asarray(objectives.sample_timesteps(jax.random.key(0), batch, _objective()))
+  t = np.asarray(flow.sample_timesteps(jax.random.key(0), batch, config_lib.flow()))
   for (r, _), idx in _spans(batch).items():
     assert np.all(t[r, idx] == t[r, idx[0]])  # the time token and all patches share one t
     if batch['gen_mask'][r, idx[0]]:
@@ -136,8 +129,8 @@ def test_sample_timesteps_clean_spans_and_one_t_per_span():
 
 def test_sample_timesteps_follow_the_logit_normal():
   batch = _span_rows(300, seed=1)  # 600 generated spans
-  obj = _objective(p_mean=-0.5, p_std=0.7)
-  t = np.asarray(objectives.sample_timesteps(jax.random.key(1), batch, obj))
+  obj = config_lib.flow(p_mean=-0.5, p_std=0.7)
+  t = np.asarray(flow.sample_timesteps(jax.random.key(1), batch, obj))
   t = t[batch['gen_mask'] & batch['is_time']]
   n = np.log(t / (1 - t))
   assert len(n) == 600
@@ -147,8 +140,8 @@ def test_sample_timesteps_follow_the_logit_normal():
 
 def test_noisy_understanding_images_stay_near_clean():
   batch = _span_rows(100, seed=2)
-  t = np.asarray(objectives.sample_timesteps(
-      jax.random.key(2), batch, _objective(mmu_noisy_prob=0.5, mmu_noisy_max=0.1)))
+  t = np.asarray(flow.sample_timesteps(
+      jax.random.key(2), batch, config_lib.flow(mmu_noisy_prob=0.5, mmu_noisy_max=0.1)))
   mmu = (batch['task'] == layout.TASK_IDS['mmu']) & batch['is_time']
   edit_source = (batch['task'] == layout.TASK_IDS['edit']) & batch['is_time'] & ~batch['gen_mask']
   assert np.all(t[edit_source] == 1.0)  # only understanding images are noised
@@ -163,7 +156,7 @@ def test_add_noise_interpolates_and_keeps_clean_tokens():
   t = rng.uniform(0, 1, (2, 64)).astype(np.float32)
   t[0] = 1.0
   t[1, :8] = 0.0
-  x_t, e = objectives.add_noise(jax.random.key(3), x, t, noise_scale=2.0)
+  x_t, e = flow.add_noise(jax.random.key(3), x, t, noise_scale=2.0)
   x_t, e = np.asarray(x_t), np.asarray(e)
   np.testing.assert_array_equal(x_t[0], x[0])  # t = 1: exactly the clean image
   np.testing.assert_allclose(x_t[1, :8], e[1, :8], rtol=1e-6)  # t = 0: pure noise
@@ -246,3 +239,30 @@ def test_compute_loss_combines_text_and_flow():
                              2.5 * float(unit['flow_loss']), rtol=1e-5)
   assert float(aux['text_tokens']) == 2 * 3  # the answer's 'train' tokens
   assert float(aux['flow_tokens']) == 2 * 4  # the generated image's 4 patches
+
+
+class _Identity(nnx.Module):
+  """x_hat = x_t: a loss of |x_t - x|^2 / (1 - t)^2 and a sampler that never moves its noise."""
+
+  class decoder:  # noqa: N801  (what compute_loss reads of a model)
+    lm_head_weight = staticmethod(lambda: jnp.zeros((4, 8), jnp.float32))
+
+  def __call__(self, batch, x_BTP, t_BT, drop_BT=None):
+    return jnp.zeros(x_BTP.shape[:2] + (4,), jnp.float32), x_BTP
+
+
+def test_loss_and_sampler_read_the_same_flow_config():
+  """config.flow.noise_scale scales the loss's noise and the sampler's starting noise alike."""
+  config = load_experiment('shapes', 'runlocal=True')
+  batch = _span_rows(2)
+  gen = {'patches': np.full((2, 3, 12), 127, np.uint8), 'gen_mask': np.ones((2, 3), bool)}
+  out = {}
+  for scale in (0.1, 0.2):
+    config.flow.noise_scale = scale
+    _, aux = objectives.compute_loss(_Identity(), batch, jax.random.key(0), 0, config)
+    x = sampling.sample_images(_Identity(), gen, jax.random.key(1), config.flow, steps=2,
+                               clip=False)
+    out[scale] = float(aux['flow_loss']), np.asarray(x)
+  # e doubles: the loss (|e - x|^2, x the clean patches) grows; v_hat = 0 keeps the noise.
+  assert out[0.2][0] > out[0.1][0] > 0
+  np.testing.assert_allclose(out[0.2][1], 2 * out[0.1][1], rtol=1e-6)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tuna2_jax import config_lib, layout, objectives, sampling
+from tuna2_jax import config_lib, flow, layout, sampling
 from tuna2_jax.convert import hf_folder, tuna2
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.models import rope as rope_lib
@@ -94,7 +94,8 @@ def test_patch_embedding_matches_official():
   load_params(embed, d, sources, 'vision/', 'vision_encoder.', keep=('mask_token',))
   images = d['input'].transpose(0, 2, 3, 1)  # NCHW -> NHWC
   x = np.stack([seq.patchify(im, 4) for im in images])
-  out = np.asarray(embed(jnp.asarray(x)))
+  embed_alone = lambda m, x: m(x, patch_grid_BT4=None, info=None)
+  out = np.asarray(embed_alone(embed, jnp.asarray(x)))
   np.testing.assert_allclose(out, d['output'], atol=1e-5)
   # Float rounding only (observed 4.8e-7): an eps of 1e-6 instead would miss by 5.5e-6.
   assert np.abs(out - d['output']).max() < 2e-6
@@ -103,7 +104,7 @@ def test_patch_embedding_matches_official():
   small = PatchEmbed(4, 32, 1e-6, rngs=nnx.Rngs(0))
   nnx.update(small, nnx.state(embed, nnx.Param))
   tiny = jnp.asarray(x) * 1e-4
-  gap = np.abs(np.asarray(small(tiny)) - np.asarray(embed(tiny))).max()
+  gap = np.abs(np.asarray(embed_alone(small, tiny)) - np.asarray(embed_alone(embed, tiny))).max()
   assert gap > 1e-3, gap
 
 
@@ -241,7 +242,7 @@ def test_final_layer_and_unpatchify_match_official():
     np.testing.assert_array_equal(seq.unpatchify_strips(tokens, 16, 16, 4), image[r])
     np.testing.assert_array_equal(seq.strips(image[r], 4), tokens)
   # On device the strips become blocks, whose exact unpatchify is the official image.
-  blocks = np.asarray(objectives.prediction_blocks(jnp.asarray(d['output']), batch,
+  blocks = np.asarray(flow.prediction_blocks(jnp.asarray(d['output']), batch,
                                                    'official', 4))
   for r, (offset, _) in enumerate(d['modality_positions'][:, 0]):
     np.testing.assert_array_equal(seq.unpatchify(blocks[r, offset + 1:offset + 17], 16, 16, 4),
@@ -265,7 +266,7 @@ def test_jit_noising_and_loss_match_official():
   d = ref('jit_loss')
   t = d['t'][:, None, None, None, None]
   e = d['noise_scale'] * d['noise_unit']
-  x_t = objectives.interpolate(jnp.asarray(d['x']), jnp.asarray(t[..., 0]), jnp.asarray(e))
+  x_t = flow.interpolate(jnp.asarray(d['x']), jnp.asarray(t[..., 0]), jnp.asarray(e))
   np.testing.assert_allclose(x_t, d['x_t'], atol=1e-6)
 
   batch = jit_loss_batch(d)
@@ -275,15 +276,15 @@ def test_jit_noising_and_loss_match_official():
   target_BT = batch['gen_mask'] & batch['is_patch']
   np.testing.assert_array_equal(target_BT, d['loss_token_mask'])
   x = batch['patches'].astype(jnp.float32)
-  target = objectives.flow_target(x, batch, 'official', 16)
+  target = flow.flow_target(x, batch, 'official', 16)
   np.testing.assert_array_equal(np.where(target_BT[..., None], target, 0), d['target_tokens'])
   t_BT = jnp.where(batch['span_ids'] > 0, jnp.asarray(d['t'])[:, None], 1.0)
-  loss, count = objectives.flow_loss(jnp.asarray(d['x0_pred_tokens']), target, t_BT, target_BT,
+  loss, count = flow.flow_loss(jnp.asarray(d['x0_pred_tokens']), target, t_BT, target_BT,
                                      float(d['t_eps']))
   np.testing.assert_allclose(loss, d['loss'], rtol=1e-6)
   assert count == 6
   # The exact layout compares each token with its own block, which is not the official target.
-  exact = objectives.flow_loss(jnp.asarray(d['x0_pred_tokens']), x, t_BT, target_BT, 0.05)[0]
+  exact = flow.flow_loss(jnp.asarray(d['x0_pred_tokens']), x, t_BT, target_BT, 0.05)[0]
   assert abs(float(exact) - float(d['loss'])) > 1.0
 
 
@@ -328,8 +329,9 @@ def test_sampler_with_cfg_matches_official(run, sampler, steps, interval):
   noise = np.zeros(batch['patches'].shape, np.float32)
   noise[:, 2] = seq.patchify(image, p)[0]
   out = sampling.sample_images(
-      ToyInner(), batch, jax.random.key(0), steps=steps, sampler=sampler,
-      noise_scale=float(d['noise_scale']), t_eps=0.05, cfg_scale=float(d['guidance_scale']),
+      ToyInner(), batch, jax.random.key(0),
+      config_lib.flow(noise_scale=float(d['noise_scale']), t_eps=0.05), steps=steps,
+      sampler=sampler, cfg_scale=float(d['guidance_scale']),
       cfg_interval=interval, cfg_interval_open=True, prompt_cache=False,
       noise_BTP=jnp.asarray(noise), clip=False)
   final = seq.unpatchify(np.asarray(out[0, 2:3]), p, p, p)
@@ -360,8 +362,8 @@ def test_heun_calls_the_model_2s_minus_1_times():
   row = seq.assemble([seq.Text([1]), seq.Image(np.zeros((8, 8, 3), np.uint8), generate=True)],
                      't2i', img_id=2, patch_size=8)
   batch = seq.stack_left_padded([row], patch_size=8, pad_id=0)
-  out = sampling.sample_images(Counting(), batch, jax.random.key(0), steps=4, sampler='heun',
-                               prompt_cache=False)
+  out = sampling.sample_images(Counting(), batch, jax.random.key(0), config_lib.flow(), steps=4,
+                               sampler='heun', prompt_cache=False)
   jax.block_until_ready(out)
   jax.effects_barrier()
   assert len(calls) == 7

@@ -1,7 +1,6 @@
 """Running jobs: config history, the W&B sink, cluster start-up, SIGTERM before the first step,
 the console's log level."""
 
-import json
 import logging
 import os
 import signal

@@ -106,8 +106,8 @@ def test_sample_grids_draw_the_configured_prompts_and_images(corpus, tmp_path, m
   shown = {}
   monkeypatch.setattr(writer, 'write_image',
                       lambda step, tag, image_HW3: shown.setdefault(tag, image_HW3))
-  paths = eval_lib.write_samples(model, Tokenizer.for_config(config), config, str(tmp_path), 6,
-                                 writer=writer)
+  paths = sample_grids.write_samples(model, Tokenizer.for_config(config), config,
+                                     str(tmp_path), 6, writer=writer)
   writer.close()
   assert [os.path.basename(p) for p in paths] == ['step_000006.png',
                                                   'step_000006_understanding.png']

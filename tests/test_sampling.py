@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_experiment, perturbed_params
-from tuna2_jax import objectives, sampling, train_state
+from tuna2_jax import config_lib, objectives, sampling, train_state
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
@@ -40,8 +40,8 @@ def _noise_batch(rows: int, tokens: int, dim: int) -> dict:
 def test_sampler_recovers_gaussian_data(sampler, steps):
   mu, sigma, s = 0.2, 0.25, 2.0  # data well inside [-1, 1], so the final clip changes nothing
   x = sampling.sample_images(GaussianPosterior(mu, sigma, s), _noise_batch(4, 16, 64),
-                             jax.random.key(0), steps=steps, sampler=sampler, noise_scale=s,
-                             t_eps=1e-4)
+                             jax.random.key(0), config_lib.flow(noise_scale=s, t_eps=1e-4),
+                             steps=steps, sampler=sampler)
   x = np.asarray(x)
   assert x.size == 4096
   assert abs(x.mean() - mu) < 0.05 * sigma  # standard error 0.016 sigma
@@ -52,8 +52,8 @@ def test_too_few_euler_steps_do_not_recover_gaussian_data():
   """The check above can fail: 2 Euler steps land far from the data's spread."""
   mu, sigma, s = 0.2, 0.25, 2.0
   x = sampling.sample_images(GaussianPosterior(mu, sigma, s), _noise_batch(4, 16, 64),
-                             jax.random.key(0), steps=2, sampler='euler', noise_scale=s,
-                             t_eps=1e-4)
+                             jax.random.key(0), config_lib.flow(noise_scale=s, t_eps=1e-4),
+                             steps=2, sampler='euler')
   assert abs(np.asarray(x).std() / sigma - 1) > 0.2
 
 
@@ -76,14 +76,15 @@ def _cfg_batch():
 
 
 def test_cfg_guides_with_scale():
-  x = np.asarray(sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(1), steps=4,
-                                        cfg_scale=3.0))
+  x = np.asarray(sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(1),
+                                        config_lib.flow(), steps=4, cfg_scale=3.0))
   np.testing.assert_allclose(x[0], 0.10 + 3.0 * (0.30 - 0.10), rtol=1e-5)  # x_u + s (x_c - x_u)
   np.testing.assert_allclose(x[1], 0.15 + 3.0 * (0.20 - 0.15), rtol=1e-5)
   np.testing.assert_array_equal(x[2:], x[:2])  # the unconditional half repeats the result
   # Outside cfg_interval the conditional prediction is used as it is.
-  x = np.asarray(sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(1), steps=4,
-                                        cfg_scale=3.0, cfg_interval=(0.0, 0.5)))
+  x = np.asarray(sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(1),
+                                        config_lib.flow(), steps=4, cfg_scale=3.0,
+                                        cfg_interval=(0.0, 0.5)))
   np.testing.assert_allclose(x[:2, 0, 0], [0.30, 0.20], rtol=1e-5)
 
 
@@ -97,7 +98,7 @@ def test_cfg_at_scale_one_equals_no_cfg():
           tasks.generation_prompt('', tok, size, p)]
   batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id)
   run = lambda **kw: np.asarray(sampling.sample_images(
-      model, batch, jax.random.key(2), steps=3, sampler='heun', **kw))
+      model, batch, jax.random.key(2), config.flow, steps=3, sampler='heun', **kw))
   plain = run(cfg_scale=1.0)
   off = run(cfg_scale=3.0, cfg_interval=(2.0, 3.0))
   target = batch['gen_mask'][0] & batch['is_patch'][0]
@@ -111,8 +112,8 @@ def test_cfg_at_scale_one_equals_no_cfg():
 
 def test_unknown_sampler_is_rejected():
   with pytest.raises(ValueError, match='rk4'):
-    sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(0), steps=2,
-                           sampler='rk4')
+    sampling.sample_images(RowConstant(), _cfg_batch(), jax.random.key(0), config_lib.flow(),
+                           steps=2, sampler='rk4')
 
 
 def _greedy_by_recomputation(model, tok, examples, p, steps):
@@ -173,7 +174,7 @@ def test_prompt_cache_equals_full_recomputation(vision):
           tasks.generation_prompt('', tok, size, p, source=source)]
   batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id)
   run = lambda cache: np.asarray(sampling.sample_images(
-      model, batch, jax.random.key(3), steps=3, sampler='heun', cfg_scale=2.0,
+      model, batch, jax.random.key(3), config.flow, steps=3, sampler='heun', cfg_scale=2.0,
       prompt_cache=cache))
   cached, full = run(True), run(False)
   target = batch['gen_mask'] & batch['is_patch']

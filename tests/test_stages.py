@@ -11,11 +11,11 @@ import pytest
 
 from conftest import load_experiment
 from tuna2_jax import checkpoint as ckpt_lib
-from tuna2_jax import config_lib, sharding, train, train_state
+from tuna2_jax import sharding, train, train_state
 from tuna2_jax.convert import hf_folder, init_from, qwen2
 from tuna2_jax.convert.hf_folder import ConversionError
 from tuna2_jax.data import pipeline
-from tuna2_jax.data.tokenizer import Tokenizer
+from tuna2_jax.data.tokenizer import Tokenizer, tokenizer_path
 
 
 def _size(tree) -> int:
@@ -246,8 +246,8 @@ def test_a_pretrained_decoder_brings_its_tokenizer_or_the_run_is_refused(tmp_pat
   toks = []
   for source in ('hf', 'converted'):
     config.init.decoder_from = str(tmp_path / source)
-    assert config_lib.tokenizer_path(config) == str(tmp_path / source)
-    toks.append(Tokenizer.load(config_lib.tokenizer_path(config)))
+    assert tokenizer_path(config) == str(tmp_path / source)
+    toks.append(Tokenizer.load(tokenizer_path(config)))
   assert toks[0].pieces() == toks[1].pieces()
   assert toks[1].img_id > toks[1].bos_id >= 512  # appended after the model's embedding rows
   stage1 = tmp_path / 'stage1'  # the next stage (init_from) keeps the tokenizer stage 1 used
@@ -255,9 +255,9 @@ def test_a_pretrained_decoder_brings_its_tokenizer_or_the_run_is_refused(tmp_pat
   ckpt_lib.write_config(str(stage1), config.to_json())
   stage2 = load_experiment('shapes', 'runlocal=True')
   stage2.init_from = str(stage1)
-  assert config_lib.tokenizer_path(stage2) == str(tmp_path / 'converted')
+  assert tokenizer_path(stage2) == str(tmp_path / 'converted')
   config.data.tokenizer = str(tmp_path / 'elsewhere.model')
-  assert config_lib.tokenizer_path(config) == config.data.tokenizer  # an explicit one wins
+  assert tokenizer_path(config) == config.data.tokenizer  # an explicit one wins
 
 
 def test_export_command_line_writes_a_workdirs_parameters(stage1, tmp_path):

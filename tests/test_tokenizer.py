@@ -79,3 +79,25 @@ def test_model_without_image_pieces_is_rejected(tmp_path):
   path.write_bytes(model.getvalue())
   with pytest.raises(ValueError, match='<boi>'):
     T.Tokenizer.load(str(path))
+
+
+def test_config_lib_and_data_do_not_import_each_other():
+  """config_lib holds config values only; the run-time resolution (tokenizer_path) is data's."""
+  import ast
+  import glob
+  import os
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tuna2_jax')
+
+  def imports(path):
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        out |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+      elif isinstance(node, ast.Import):
+        out |= {a.name for a in node.names}
+    return out
+
+  assert not {m for m in imports(os.path.join(root, 'config_lib.py'))
+              if m.startswith('tuna2_jax')}
+  for path in glob.glob(os.path.join(root, 'data', '*.py')):
+    assert 'tuna2_jax.config_lib' not in imports(path), path

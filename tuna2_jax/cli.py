@@ -13,7 +13,7 @@ Console: `--log_level` (default warning) sets what absl and the libraries that l
 User mistakes are reported as `error: ...` on stderr with exit code 2 and no traceback:
   - a bad flag, a config file that fails to load, or a `--config.a.b=` override of a key the
     config does not have (ml_collections raises that as a KeyError/AttributeError, not a flag
-    error);
+    error), naming the new key for one that moved (config_lib.RENAMED_KEYS);
   - app.UsageError, InputError;
   - ValueError or FileNotFoundError raised by this package's own code: it raises them only with a
     message for the user that names the bad value (an impossible config, a checkpoint of another
@@ -32,6 +32,8 @@ from typing import Callable, NoReturn
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from tuna2_jax import config_lib
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -81,6 +83,10 @@ def _unknown_key(argv: list[str], e: BaseException) -> str | None:
     if not m or m.group(1) not in flags.FLAGS:
       continue
     path = m.group(2)
+    if path in config_lib.RENAMED_KEYS:
+      new = config_lib.RENAMED_KEYS[path]
+      return (f'{arg}: {path} is now {new} (config_lib.RENAMED_KEYS); expected '
+              f'--{m.group(1)}.{new}{arg[m.end():]}')
     if path in detail or any(f"'{p}'" in detail or f'"{p}"' in detail for p in path.split('.')):
       return f'{arg}: the config has no such key ({detail})'
   return None

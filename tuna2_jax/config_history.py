@@ -14,6 +14,7 @@ import re
 
 from absl import logging
 
+from tuna2_jax import config_lib
 from tuna2_jax import paths
 
 CONFIG_FILE = 'config.json'
@@ -64,9 +65,16 @@ def recorded(workdir: str) -> list[tuple[int, str]]:
 
 
 def read(workdir: str) -> str | None:
-  """The text of the newest recorded config, or None when the workdir has none."""
+  """The text of the newest recorded config, or None when the workdir has none; a config
+  recorded before a key moved reads with it moved (config_lib.RENAMED_KEYS)."""
   history = recorded(workdir)
-  return paths.read_text(history[-1][1]) if history else None
+  if not history:
+    return None
+  text = paths.read_text(history[-1][1])
+  tree = json.loads(text)
+  if not set(flatten(tree)) & set(config_lib.RENAMED_KEYS):
+    return text
+  return json.dumps(config_lib.upgrade(tree), indent=2)
 
 
 def check_resumable(workdir: str, config_json: str, step: int) -> None:

@@ -7,7 +7,6 @@ a config, never in model code.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -23,34 +22,6 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def tokenizer_path(config: ml_collections.ConfigDict) -> str:
-  """The tokenizer a run uses: data.tokenizer when set; else, when the decoder starts from
-  pretrained weights (init.decoder_from), that folder if it holds a tokenizer.json (a Hugging Face
-  folder, or `convert.qwen2`'s output, which copies it); else, for a run that starts from a
-  previous stage (init_from), the tokenizer that stage used; else '' (the shipped shapes model).
-
-  Raises ValueError for init.decoder_from without a tokenizer.json and no data.tokenizer: the
-  shipped 128-piece model would feed the pretrained decoder ids it was never trained on.
-  """
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  source = (config.get('init') or {}).get('decoder_from')
-  if source:
-    from etils import epath
-    from tuna2_jax.data.tokenizer import HF_TOKENIZER_FILE
-    if (epath.Path(source) / HF_TOKENIZER_FILE).exists():
-      return source
-    raise ValueError(f'init.decoder_from={source!r} has no {HF_TOKENIZER_FILE} and '
-                     'data.tokenizer is empty: set --config.data.tokenizer to the pretrained '
-                     'model\'s tokenizer (its Hugging Face folder or tokenizer.json)')
-  if config.get('init_from'):
-    from tuna2_jax import checkpoint
-    previous = checkpoint.read_config(config.init_from)
-    if previous is not None:
-      return tokenizer_path(ml_collections.ConfigDict(json.loads(previous)))
-  return ''
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -77,6 +48,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def with_arg(arg: str | None, **fixed) -> str:
+  """The arg string `arg` with `fixed` keys set: how a config that is another one with a key
+  pinned (Tuna-R's vision=encoder) passes it on. Raises ValueError when arg sets one of them
+  otherwise."""
+  items = [item for item in (arg or '').split(',') if item]
+  for item in items:
+    key, _, value = item.partition('=')
+    if key in fixed and value != str(fixed[key]):
+      raise ValueError(f'config arg {item!r}: this config fixes {key}={fixed[key]}')
+  items = [item for item in items if item.partition('=')[0] not in fixed]
+  return ','.join(items + [f'{k}={v}' for k, v in fixed.items()])
 
 
 def decoder(num_layers, width, num_heads, num_kv_heads, head_dim, mlp_dim, *, rope_theta=1e6,
@@ -191,7 +175,7 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.time_embed_shared = False  # True (official): one embedder for time tokens and head AdaLN
   m.patch_norm_eps = 1e-6  # the patch embedding's RMSNorm; official: float32 machine epsilon
   # 'exact': each output token is its own p x p block; 'official': token k fills the k-th strip
-  # of p*p raster pixels and training spans leave out each image's last patch (objectives.py).
+  # of p*p raster pixels and training spans leave out each image's last patch (flow.py).
   m.pixel_layout = 'exact'
   # The most image spans one row may hold: the flow head computes its AdaLN conditioning once
   # per span, in a table of this many rows; the data packer closes a row before it has more.
@@ -204,6 +188,42 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   m.head = head
   m.encoder = encoder or vision_encoder(128, 2, 4, 384, 16)
   return m
+
+
+def flow(*, p_mean=-0.8, p_std=0.8, mmu_noisy_prob=0.0, mmu_noisy_max=0.1, noise_scale=1.0,
+         t_eps=0.05) -> ml_collections.ConfigDict:
+  """The flow's one config (flow.py), read by the training loss and the sampler alike.
+
+  p_mean, p_std: generated images' t = sigmoid(N(p_mean, p_std)); mmu_noisy_prob of the
+  understanding images at t = 1 - U(0, mmu_noisy_max) (the reference code: 0.1 of them);
+  noise_scale: e ~ N(0, I) * noise_scale; t_eps: v_hat's floor on 1 - t.
+  """
+  return ml_collections.ConfigDict(dict(
+      p_mean=p_mean, p_std=p_std, mmu_noisy_prob=mmu_noisy_prob, mmu_noisy_max=mmu_noisy_max,
+      noise_scale=noise_scale, t_eps=t_eps))
+
+
+# Keys that moved: {old dotted key: new one}. Old recorded configs are read with them moved
+# (config_history.read); an old key given on the command line is refused naming the new one.
+RENAMED_KEYS = {f'objective.{k}': f'flow.{k}' for k in (
+    'p_mean', 'p_std', 'mmu_noisy_prob', 'mmu_noisy_max', 'noise_scale', 't_eps')}
+
+
+def upgrade(tree: dict) -> dict:
+  """A recorded config (nested dicts, as config.json holds it) with RENAMED_KEYS moved."""
+  for old, new in RENAMED_KEYS.items():
+    *old_parents, old_leaf = old.split('.')
+    *new_parents, new_leaf = new.split('.')
+    src = tree
+    for name in old_parents:
+      src = src.get(name) if isinstance(src, dict) else None
+    if not isinstance(src, dict) or old_leaf not in src:
+      continue
+    dst = tree
+    for name in new_parents:
+      dst = dst.setdefault(name, {})
+    dst.setdefault(new_leaf, src.pop(old_leaf))
+  return tree
 
 
 def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -233,7 +253,7 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Stream weights; generation (t2i + edit) : understanding (mmu) = 7 : 3 as in the paper.
   c.data.weights = ml_collections.ConfigDict(dict(t2i=0.5, edit=0.13, mmu=0.27, text=0.1))
   c.data.worker_count = 0
-  c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (tokenizer_path)
+  c.data.tokenizer = ''  # '': init.decoder_from's tokenizer.json, else shipped (data/tokenizer.py)
   # Held-out splits of the task streams, for the held-out loss (heldout.py; mixture data only).
   c.data.eval = ml_collections.ConfigDict(dict(t2i='', mmu='', edit='', text=''))
   # Tokens of the sequence format's roles ('' = the tokenizer's own, else appended ones);
@@ -241,10 +261,10 @@ def base(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.special_tokens = ml_collections.ConfigDict(dict(bos='', eos='', pad='', boi='', eoi='',
                                                          img=''))
 
+  c.flow = flow()
   c.objective = ml_collections.ConfigDict(dict(
-      text_coeff=1.0, flow_coeff=1.0, p_mean=-0.8, p_std=0.8, noise_scale=1.0, t_eps=0.05,
-      caption_dropout=0.1,  # prompt dropped -> null prompt, for classifier-free guidance
-      mmu_noisy_prob=0.0, mmu_noisy_max=0.1))  # reference code: 0.1 of mmu images at 1-U(0,.1)
+      text_coeff=1.0, flow_coeff=1.0,
+      caption_dropout=0.1))  # prompt dropped -> null prompt, for classifier-free guidance
 
   c.masking = ml_collections.ConfigDict(dict(
       enabled=False, start_fraction=0.6, sample_prob=0.5, max_ratio=0.5))

@@ -1,5 +1,4 @@
-"""Evaluates a trained workdir: held-out shapes metrics, held-out losses, sample grids; also the
-samplers' host-side glue.
+"""Evaluates a trained workdir: held-out shapes metrics, held-out losses, sample grids.
 
   python -m tuna2_jax.evaluate --workdir=DIR
 
@@ -7,7 +6,8 @@ Prints JSON and writes DIR/eval.json with, under eval.shapes_metrics, shapes/vqa
 per question type), shapes/vqa_majority_baseline, shapes/gen_accuracy,
 shapes/gen_untrained_baseline (the same checker on a freshly initialised model's images) and
 shapes/caption_exact; and heldout/<task>/... for every held-out stream data.eval names
-(heldout.py). Sample grids go to DIR/samples (sample_grids.py says what they show).
+(heldout.py). Sample grids go to DIR/samples (sample_grids.py says what they show). Images come
+from generate.generate_images, answers from understand.answer_questions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Sequence
 
@@ -26,90 +25,17 @@ from absl import app, flags, logging
 
 from tuna2_jax import cli
 from tuna2_jax import heldout
-from tuna2_jax import layout
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import paths
 from tuna2_jax import sample_grids
-from tuna2_jax import sampling
-from tuna2_jax import sharding
 from tuna2_jax import train_state
 from tuna2_jax import trainer
-from tuna2_jax.data import sequence as seq
 from tuna2_jax.data import shapes
-from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
+from tuna2_jax.generate import generate_images
+from tuna2_jax.understand import answer_questions
 
 HISTORY_FILE = 'eval_history.jsonl'
-
-
-def _chunks(items: Sequence, size: int):
-  for i in range(0, len(items), size):
-    chunk = list(items[i:i + size])
-    yield chunk, len(chunk)
-
-
-def _pad_to(chunk: list, size: int) -> list:
-  """Repeats the last item so every batch has one shape (one compilation)."""
-  return chunk + [chunk[-1]] * (size - len(chunk))
-
-
-def to_uint8(x) -> np.ndarray:
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
-                    prompts: Sequence[str], key, sources: Sequence[np.ndarray] | None = None,
-                    batch_size: int | None = None,
-                    image_hw: tuple[int, int] | None = None) -> list[np.ndarray]:
-  """Images (uint8 HxWx3, default data.image_size square) for prompts (text->image, or edits of
-  `sources`), with CFG."""
-  p, s = config.model.patch_size, config.sampling
-  height, width = image_hw or (config.data.image_size, config.data.image_size)
-  batch_size = batch_size or config.eval.batch_size
-  sources = list(sources) if sources is not None else [None] * len(prompts)
-  make = lambda text, src: tasks.generation_prompt(text, tok, (height, width), p, source=src)
-  cond = [make(t, src) for t, src in zip(prompts, sources)]
-  null = [make('', src) for src in sources]
-  length = max(len(x['tokens']) for x in cond + null)
-  use_cfg = s.cfg_scale != 1.0
-  images = []
-  for i, (chunk, n) in enumerate(_chunks(list(range(len(prompts))), batch_size)):
-    rows = [cond[j] for j in _pad_to(chunk, batch_size)]
-    if use_cfg:
-      rows += [null[j] for j in _pad_to(chunk, batch_size)]
-    batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length)
-    x = sampling.sample_images(
-        model, batch, jax.random.fold_in(key, i), steps=s.steps, sampler=s.sampler,
-        noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
-        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
-        cfg_interval_open=bool(s.cfg_interval_open))
-    x = sharding.to_host(x)
-    target = layout.flow_targets_BT(batch)
-    for b in range(n):
-      images.append(to_uint8(seq.unpatchify(x[b][target[b]], height, width, p)))
-  return images
-
-
-def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
-                     images: Sequence[np.ndarray], questions: Sequence[str], key,
-                     max_new_tokens: int | None = None) -> list[str]:
-  """Greedy (or configured temperature) answers to questions about images."""
-  p = config.model.patch_size
-  prompts = [tasks.understanding_prompt(im, q, tok, p) for im, q in zip(images, questions)]
-  length = max(len(x['tokens']) for x in prompts)
-  end = tasks.reply_end_id(tok)
-  answers = []
-  for i, (chunk, n) in enumerate(_chunks(prompts, config.eval.batch_size)):
-    batch = seq.stack_left_padded(_pad_to(chunk, config.eval.batch_size), patch_size=p,
-                                  pad_id=tok.pad_id, length=length)
-    out = sampling.decode_text(
-        model, batch, jax.random.fold_in(key, i),
-        max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
-        eos_id=end, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
-    for row in sharding.to_host(out)[:n]:
-      row = list(row)
-      answers.append(tok.decode(row[:row.index(end)] if end in row else row))
-  return answers
 
 
 def gen_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene]) -> float:
@@ -259,46 +185,6 @@ class EvalHistory:
     return record
 
 
-def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
-                  step: int, writer: metrics_lib.MetricsWriter | None = None) -> list[str]:
-  """The sample grids of a step: samples/step_NNNNNN.png (images generated for the prompts,
-  with the shapes checker's marks where it applies) and samples/step_NNNNNN_understanding.png
-  (answers to the questions about the images), each with a .json of its captions and marks,
-  and the grids to TensorBoard (samples/generation, samples/understanding, and
-  samples/checker_pass, the share of marked tiles that pass). Returns the PNG paths.
-
-  Every process of a job calls it (all take part in sampling); only process 0 writes.
-  """
-  stem = os.path.join(workdir, 'samples', f'step_{step:06d}')
-  grids = []
-  prompts = sample_grids.prompts(config)
-  if prompts:
-    images = generate_images(model, tok, config, prompts, jax.random.key(config.seed + 2),
-                             image_hw=sample_grids.generation_hw(config))
-    grids.append(('generation', stem + '.png', images, prompts, sample_grids.marks(images,
-                                                                                  prompts)))
-  pictures, asked = sample_grids.understanding_inputs(config)
-  if pictures:
-    answers = answer_questions(model, tok, config, pictures, asked,
-                               jax.random.key(config.seed + 2))
-    grids.append(('understanding', stem + '_understanding.png', pictures,
-                  [f'Q: {q}\nA: {a}' for q, a in zip(asked, answers)], None))
-  if jax.process_index() != 0:
-    return [path for _, path, *_ in grids]
-  for tag, path, images, captions, marks in grids:
-    scale = sample_grids.grid_scale(images)
-    metrics_lib.save_sample_grid(path, images, captions, scale=scale, marks=marks)
-    paths.write_text(os.path.splitext(path)[0] + '.json',
-                     json.dumps({'step': step, 'captions': captions, 'marks': marks}, indent=1))
-    if writer is not None:
-      writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(
-          images, captions, scale=scale, marks=marks))
-      judged = [m for m in marks or () if m is not None]
-      if judged:
-        writer.write_tensorboard(step, {'samples/checker_pass': float(np.mean(judged))})
-  return [path for _, path, *_ in grids]
-
-
 def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
@@ -314,7 +200,7 @@ def main(argv):
   if sets:
     results.update(evaluate(model, tok, config, baseline_model=baseline, sets=sets))
   results.update(heldout.HeldoutLoss(config, tok)(model))
-  write_samples(model, tok, config, workdir, step)
+  sample_grids.write_samples(model, tok, config, workdir, step)
   paths.write_text(paths.join(workdir, 'eval.json'), json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 

@@ -11,6 +11,10 @@ Images are config.data.image_size square. --num 1 writes --out itself;
 --num N > 1 writes N files beside it, numbered from 0 (img.png -> img_0.png, img_1.png, ...),
 each from its own noise. The written paths are printed one per line. Sampling settings not given
 as flags come from the workdir's config.sampling.
+
+`generate_images` is the host side of image sampling that evaluate.py and the sample grids use
+too: prompts -> left-padded rows (with their null prompts for CFG) -> sampling.sample_images ->
+uint8 images.
 """
 
 from __future__ import annotations
@@ -19,15 +23,55 @@ import os
 from typing import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from tuna2_jax import cli
-from tuna2_jax import evaluate
+from tuna2_jax import layout
 from tuna2_jax import sampling
+from tuna2_jax import sharding
 from tuna2_jax import train_state
+from tuna2_jax.data import sequence as seq
+from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
+
+
+def to_uint8(x) -> np.ndarray:
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def generate_images(model, tok: Tokenizer, config: ml_collections.ConfigDict,
+                    prompts: Sequence[str], key, sources: Sequence[np.ndarray] | None = None,
+                    batch_size: int | None = None,
+                    image_hw: tuple[int, int] | None = None) -> list[np.ndarray]:
+  """Images (uint8 HxWx3, default data.image_size square) for prompts (text->image, or edits of
+  `sources`), with CFG."""
+  p, s = config.model.patch_size, config.sampling
+  height, width = image_hw or (config.data.image_size, config.data.image_size)
+  batch_size = batch_size or config.eval.batch_size
+  sources = list(sources) if sources is not None else [None] * len(prompts)
+  make = lambda text, src: tasks.generation_prompt(text, tok, (height, width), p, source=src)
+  cond = [make(t, src) for t, src in zip(prompts, sources)]
+  null = [make('', src) for src in sources]
+  length = max(len(x['tokens']) for x in cond + null)
+  use_cfg = s.cfg_scale != 1.0
+  images = []
+  for i, (chunk, n) in enumerate(sampling.fixed_batches(range(len(prompts)), batch_size)):
+    rows = [cond[j] for j in chunk]
+    if use_cfg:
+      rows += [null[j] for j in chunk]
+    batch = seq.stack_left_padded(rows, patch_size=p, pad_id=tok.pad_id, length=length)
+    x = sampling.sample_images(
+        model, batch, jax.random.fold_in(key, i), config.flow, steps=s.steps, sampler=s.sampler,
+        cfg_scale=float(s.cfg_scale), cfg_interval=tuple(s.cfg_interval),
+        cfg_interval_open=bool(s.cfg_interval_open))
+    x = sharding.to_host(x)
+    target = layout.flow_targets_BT(batch)
+    for b in range(n):
+      images.append(to_uint8(seq.unpatchify(x[b][target[b]], height, width, p)))
+  return images
 
 
 def output_paths(out: str, num: int) -> list[str]:
@@ -48,8 +92,8 @@ def generate(workdir: str, prompt: str, num: int, seed: int, source: str | None 
     if value is not None:
       config.sampling[key] = value
   tok = Tokenizer.for_config(config)
-  return evaluate.generate_images(model, tok, config, [prompt] * num, jax.random.key(seed),
-                                  sources=None if src is None else [src] * num)
+  return generate_images(model, tok, config, [prompt] * num, jax.random.key(seed),
+                         sources=None if src is None else [src] * num)
 
 
 def main(argv: Sequence[str]) -> None:

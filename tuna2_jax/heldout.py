@@ -99,7 +99,7 @@ def _sums_fn(config: ml_collections.ConfigDict, graphdef, mesh):
   """(params, batch, key) -> the batch's loss sums and counts (jitted)."""
   quiet = config.copy_and_resolve_references()
   quiet.masking.enabled = False
-  quiet.objective.mmu_noisy_prob = 0.0
+  quiet.flow.mmu_noisy_prob = 0.0
 
   def sums(params, batch, key):
     with sharding.activation_sharding(mesh, config.sharding_rules):

@@ -8,22 +8,28 @@ image, else fail; other prompts get none.
 
 Understanding: eval.images (image files, fitted to data.buckets or data.image_size as training
 images are) with eval.questions, one per image or one for all; the answers are decoded as
-evaluate.answer_questions decodes them.
+understand.answer_questions decodes them. `write_samples` draws and writes the grids of a step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import paths
 from tuna2_jax.data import images as images_lib
 from tuna2_jax.data import records
 from tuna2_jax.data import shapes
+from tuna2_jax.data.tokenizer import Tokenizer
+from tuna2_jax.generate import generate_images
+from tuna2_jax.understand import answer_questions
 
 
 MIN_TILE_SIDE = 128  # small images are upscaled (nearest) by whole factors to about this side
@@ -117,3 +123,42 @@ def understanding_inputs(config: ml_collections.ConfigDict
       logging.warning('sample image %s left out of the understanding grid: %s', path,
                       fault.detail)
   return images, asked
+
+
+def write_samples(model, tok: Tokenizer, config: ml_collections.ConfigDict, workdir: str,
+                  step: int, writer: metrics_lib.MetricsWriter | None = None) -> list[str]:
+  """The sample grids of a step: samples/step_NNNNNN.png (images generated for the prompts,
+  with the shapes checker's marks where it applies) and samples/step_NNNNNN_understanding.png
+  (answers to the questions about the images), each with a .json of its captions and marks,
+  and the grids to TensorBoard (samples/generation, samples/understanding, and
+  samples/checker_pass, the share of marked tiles that pass). Returns the PNG paths.
+
+  Every process of a job calls it (all take part in sampling); only process 0 writes.
+  """
+  stem = os.path.join(workdir, 'samples', f'step_{step:06d}')
+  grids = []
+  texts = prompts(config)
+  if texts:
+    images = generate_images(model, tok, config, texts, jax.random.key(config.seed + 2),
+                             image_hw=generation_hw(config))
+    grids.append(('generation', stem + '.png', images, texts, marks(images, texts)))
+  pictures, asked = understanding_inputs(config)
+  if pictures:
+    answers = answer_questions(model, tok, config, pictures, asked,
+                               jax.random.key(config.seed + 2))
+    grids.append(('understanding', stem + '_understanding.png', pictures,
+                  [f'Q: {q}\nA: {a}' for q, a in zip(asked, answers)], None))
+  if jax.process_index() != 0:
+    return [path for _, path, *_ in grids]
+  for tag, path, images, captions, verdicts in grids:
+    scale = grid_scale(images)
+    metrics_lib.save_sample_grid(path, images, captions, scale=scale, marks=verdicts)
+    paths.write_text(os.path.splitext(path)[0] + '.json',
+                     json.dumps({'step': step, 'captions': captions, 'marks': verdicts}, indent=1))
+    if writer is not None:
+      writer.write_image(step, f'samples/{tag}', metrics_lib.sample_grid(
+          images, captions, scale=scale, marks=verdicts))
+      judged = [m for m in verdicts or () if m is not None]
+      if judged:
+        writer.write_tensorboard(step, {'samples/checker_pass': float(np.mean(judged))})
+  return [path for _, path, *_ in grids]

@@ -1,5 +1,9 @@
 """Sampling: flow-matching image generation (Euler / Heun, CFG) and KV-cached text decoding.
 
+The flow's conventions (t = 1 clean, x_t, v_hat, the integrator steps) are flow.py's; this module
+holds the sampler around them: the time grid, Heun on all steps but the last, CFG and its
+interval, the prompt cache.
+
 Both loops are single compiled programs (lax.fori_loop inside jit). Image rows are built by the
 caller with data/tasks.py prompts and stacked left-padded (data/sequence.py), so every row's
 image span sits at the same slots; with CFG the batch holds the conditional rows followed by
@@ -12,12 +16,15 @@ target span's tokens against them.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from tuna2_jax import flow
 from tuna2_jax import objectives
 from tuna2_jax.layout import cache_info, row_info, text_info, with_token
 from tuna2_jax.models.transformer import empty_kv_cache
@@ -66,15 +73,16 @@ def generated_slots(gen_mask_BT) -> tuple[int, int]:
   return start, stop
 
 
-def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler',
-                  noise_scale: float = 1.0, t_eps: float = 0.05, cfg_scale: float = 1.0,
+def sample_images(model, batch: dict, key, flow_cfg: ml_collections.ConfigDict, *, steps: int,
+                  sampler: str = 'euler', cfg_scale: float = 1.0,
                   cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_interval_open: bool = False,
                   prompt_cache: bool | None = None, noise_BTP: jax.Array | None = None,
                   clip: bool = True) -> jax.Array:
-  """Integrates dx/dt = v from t = 0 (noise * noise_scale) to t = 1 over `steps` uniform steps.
+  """Integrates dx/dt = v_hat from t = 0 (noise * noise_scale) to t = 1 over `steps` uniform
+  steps; flow_cfg is the config's `flow` (noise_scale, t_eps: flow.py).
 
   Returns the generated pixel blocks [B, T, p*p*3] in [-1, 1] (clean inputs elsewhere); with
-  CFG, rows B/2.. repeat the first half. v = (x_hat - x_t) / max(1 - t, t_eps).
+  CFG, rows B/2.. repeat the first half.
 
   prompt_cache: compute the prompt's keys and values (decoder and head) once and run only the
   generated slots at each step (model.prefill / model.extend); None = whenever the model has
@@ -95,8 +103,9 @@ def sample_images(model, batch: dict, key, *, steps: int, sampler: str = 'euler'
   span = generated_slots(batch['gen_mask']) if prompt_cache else None
   cfg = getattr(model, 'cfg', None)
   layout = (cfg.pixel_layout, cfg.patch_size) if cfg is not None else ('exact', 0)
-  return _sample_images(model, batch, key, steps=steps, sampler=sampler, noise_scale=noise_scale,
-                        t_eps=t_eps, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
+  return _sample_images(model, batch, key, steps=steps, sampler=sampler,
+                        noise_scale=float(flow_cfg.noise_scale), t_eps=float(flow_cfg.t_eps),
+                        cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
                         cfg_interval_open=bool(cfg_interval_open), span=span, layout=layout,
                         noise_BTP=noise_BTP, clip=clip)
 
@@ -128,10 +137,10 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
       x_hat = m.extend(batch, x_in, t_BT, caches, start, stop)
     else:
       x_hat = m(batch, x_in, t_BT)[1]
-    x_hat = objectives.prediction_blocks(x_hat, span_batch, *layout)
+    x_hat = flow.prediction_blocks(x_hat, span_batch, *layout)
     x_hat = guide(x_hat, t, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                   cfg_interval_open=cfg_interval_open)
-    return (x_hat - x) / jnp.maximum(1.0 - t, t_eps)
+    return flow.velocity(x_hat, x, t, t_eps)
 
   # Drawn for every slot, so a cached and an uncached run from one key share their noise.
   if noise_BTP is None:
@@ -146,14 +155,12 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
 
   def euler(i, carry):
     params, x = carry
-    return params, x + dt * velocity(params, x, time(i))
+    return params, flow.euler_step(functools.partial(velocity, params), x, time(i), dt)
 
   def heun(i, carry):
     params, x = carry
-    t = time(i)
-    v = velocity(params, x, t)
-    v_next = velocity(params, x + dt * v, time(i + 1))
-    return params, x + 0.5 * dt * (v + v_next)
+    return params, flow.heun_step(functools.partial(velocity, params), x, time(i), time(i + 1),
+                                  dt)
 
   if sampler == 'euler':
     _, x = jax.lax.fori_loop(0, steps, euler, (params, noise))
@@ -164,6 +171,14 @@ def _sample_images(model, batch: dict, key, *, steps: int, sampler: str, noise_s
   x = jnp.where(gen[..., None], x, clean_span)
   out = clean.at[:, start:stop].set(x)
   return jnp.clip(out, -1.0, 1.0) if clip else out
+
+
+def fixed_batches(items: Sequence, size: int):
+  """(batch, #real items) for consecutive batches of `size` items; the last is padded by
+  repeating its last item, so every batch has one shape (the samplers compile once)."""
+  for i in range(0, len(items), size):
+    chunk = list(items[i:i + size])
+    yield chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
 
 
 def _sample_token(logits_BV, key, temperature: float) -> jax.Array:

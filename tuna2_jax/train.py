@@ -43,6 +43,7 @@ from tuna2_jax import flops
 from tuna2_jax import metrics as metrics_lib
 from tuna2_jax import objectives
 from tuna2_jax import paths
+from tuna2_jax import sample_grids
 from tuna2_jax import sharding
 from tuna2_jax import topologies
 from tuna2_jax import train_state
@@ -244,8 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not stop and trainer.itstime(step, config.eval_every, total):
       with chrono.paused():
         # Every process samples (the parameters are spread over all of them); process 0 writes.
-        samples = eval_lib.write_samples(_eval_model(config, graphdef, state), tok, config,
-                                         workdir, step, writer=writer)
+        samples = sample_grids.write_samples(_eval_model(config, graphdef, state), tok, config,
+                                             workdir, step, writer=writer)
         logging.info('wrote %s', samples)
     if trainer.itstime(step, config.checkpoint_every, total, force=stop):
       with chrono.paused():

@@ -6,6 +6,9 @@ r"""Answers a question about an image with a trained workdir's EMA model.
 The image is resized and centre-cropped as training does (onto the nearest of the config's
 data.buckets, or its data.image_size square). Prints the answer (greedy unless --temperature > 0;
 other settings from config.sampling).
+
+`answer_questions` is the host side of text decoding that evaluate.py and the sample grids use
+too: (image, question) -> left-padded prompt rows -> sampling.decode_text -> answers.
 """
 
 from __future__ import annotations
@@ -13,12 +16,38 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import ml_collections
+import numpy as np
 from absl import app, flags
 
 from tuna2_jax import cli
-from tuna2_jax import evaluate
+from tuna2_jax import sampling
+from tuna2_jax import sharding
 from tuna2_jax import train_state
+from tuna2_jax.data import sequence as seq
+from tuna2_jax.data import tasks
 from tuna2_jax.data.tokenizer import Tokenizer
+
+
+def answer_questions(model, tok: Tokenizer, config: ml_collections.ConfigDict,
+                     images: Sequence[np.ndarray], questions: Sequence[str], key,
+                     max_new_tokens: int | None = None) -> list[str]:
+  """Greedy (or configured temperature) answers to questions about images."""
+  p = config.model.patch_size
+  prompts = [tasks.understanding_prompt(im, q, tok, p) for im, q in zip(images, questions)]
+  length = max(len(x['tokens']) for x in prompts)
+  end = tasks.reply_end_id(tok)
+  answers = []
+  for i, (chunk, n) in enumerate(sampling.fixed_batches(prompts, config.eval.batch_size)):
+    batch = seq.stack_left_padded(chunk, patch_size=p, pad_id=tok.pad_id, length=length)
+    out = sampling.decode_text(
+        model, batch, jax.random.fold_in(key, i),
+        max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
+        eos_id=end, pad_id=tok.pad_id, temperature=float(config.sampling.temperature))
+    for row in sharding.to_host(out)[:n]:
+      row = list(row)
+      answers.append(tok.decode(row[:row.index(end)] if end in row else row))
+  return answers
 
 
 def answer(workdir: str, image_path: str, question: str, *, max_new_tokens: int | None = None,
@@ -28,8 +57,8 @@ def answer(workdir: str, image_path: str, question: str, *, max_new_tokens: int 
   if temperature is not None:
     config.sampling.temperature = temperature
   tok = Tokenizer.for_config(config)
-  return evaluate.answer_questions(model, tok, config, [image], [question], jax.random.key(seed),
-                                   max_new_tokens=max_new_tokens)[0]
+  return answer_questions(model, tok, config, [image], [question], jax.random.key(seed),
+                          max_new_tokens=max_new_tokens)[0]
 
 
 def main(argv: Sequence[str]) -> None:

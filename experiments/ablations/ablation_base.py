@@ -7,7 +7,8 @@ metrics go to DIR/eval_history.jsonl every eval.metrics_every steps.
 
 Args (comma-separated after ':'): seed=N (model init and data order; the same N gives every
 arm the same data), root=DIR (where the study's runs live; Tuna-R arms start from
-ROOT/tuna_r_align/seedN, which starts from ROOT/siglip_shapes/encoder), runlocal=True.
+ROOT/tuna_r_align/seedN, which starts from ROOT/siglip_shapes/encoder), runlocal=True, and
+vision=patch|encoder, which each arm fixes (config_lib.with_arg).
 Running the whole study: experiments/ablations/run.sh.
 """
 
@@ -35,8 +36,8 @@ def aligned_workdir(c: ml_collections.ConfigDict) -> str:
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, runlocal=False, seed=0, root='runs/ablations')
-  c = shapes.get_config('runlocal=True' if args.runlocal else None)
+  args = config_lib.parse_arg(arg, runlocal=False, seed=0, root='runs/ablations', vision='patch')
+  c = shapes.get_config(f'runlocal={args.runlocal},vision={args.vision}')
   c.seed = args.seed
   c.ablation = ml_collections.ConfigDict(dict(arm='', root=args.root,
                                               varies=ABLATED_KEYS))

@@ -12,11 +12,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablation_base  # noqa: E402
 
+from tuna2_jax import config_lib  # noqa: E402
+
 
 def get_config(arg: str | None = None):
-  c = ablation_base.get_config(arg)
+  c = ablation_base.get_config(config_lib.with_arg(arg, vision='patch'))
   c.ablation.arm = 'tuna2_masking'
-  c.model.vision = 'patch'
   c.init_from = ''
   c.masking.enabled = True
   return c

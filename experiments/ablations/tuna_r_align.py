@@ -15,11 +15,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablation_base  # noqa: E402
 
+from tuna2_jax import config_lib  # noqa: E402
+
 
 def get_config(arg: str | None = None):
-  c = ablation_base.get_config(arg)
+  c = ablation_base.get_config(config_lib.with_arg(arg, vision='encoder'))
   c.ablation.arm = 'tuna_r_align'
-  c.model.vision = 'encoder'
   c.init.encoder_from = ablation_base.encoder_dir(c.ablation.root)
   c.optim.update(trainable='connector', lr=5e-4, schedule='constant')
   if c.total_steps > 10:  # runlocal keeps its few steps

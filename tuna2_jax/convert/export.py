@@ -206,8 +206,7 @@ def export(params, config: ml_collections.ConfigDict, output: str,
            shard_bytes: int = 2 << 30) -> list[str]:
   """Writes params (an nnx.State, nested dict or {path: array} of the model config describes)
   as described in the module docstring; returns the written safetensors file names."""
-  from tuna2_jax import config_lib
-  from tuna2_jax.data.tokenizer import Tokenizer
+  from tuna2_jax.data.tokenizer import Tokenizer, tokenizer_path
   hf_folder.check_new_output(output)
   flat = hf_folder.flat_paths(params)
   decoder = qwen2_tensors(flat, config.model.decoder, config.model.vocab_size)
@@ -227,7 +226,7 @@ def export(params, config: ml_collections.ConfigDict, output: str,
       json.dump(qwen2_config(config, special_token_ids(tok)), f, indent=2)
     with open(os.path.join(rest, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-    for path in tokenizer_files(config_lib.tokenizer_path(config)):
+    for path in tokenizer_files(tokenizer_path(config)):
       shutil.copy(path, os.path.join(output, os.path.basename(path)))
   return names
 

@@ -7,7 +7,7 @@ training config starts from it (or straight from DIR) with --config.init.decoder
 DIR's tokenizer.json is copied along (with tokenizer_config.json and config.json, which fix its
 special tokens' ids, and chat_template.jinja, where newer folders keep the chat template), so
 that a run with an empty data.tokenizer uses it from CKPT as it would from DIR
-(config_lib.tokenizer_path).
+(data/tokenizer.py tokenizer_path).
 
 Every tensor has one place: q/k/v (with bias, GQA), o, the SwiGLU MLP, both RMSNorms, the final
 norm, the embedding and, when untied, the LM head; per-layer tensors fill the stacked [L, ...]

@@ -16,7 +16,7 @@ converter count, log (`FaultLog`, rate-limited) and skip it, so one bad line nev
 Video records ({"video", ...}, the official video_pairs.jsonl) are refused: video is not
 supported.
 
-ArrayRecord records (written by data/convert.py) keep the encoded image bytes as they were:
+ArrayRecord records (written by data/build_records.py) keep the encoded image bytes as they were:
   uint32 little-endian header length | JSON header | image bytes, in the header's order
 with header = {"task", "fields": the JSON record as it was, "images": [[key, nbytes], ...],
 "where": "file:line"}.
@@ -320,7 +320,7 @@ def decode_record(data: bytes) -> tuple[str, dict, dict[str, bytes], str]:
       raise ValueError(f'{len(data) - offset} trailing bytes')
     task, fields, where = header['task'], dict(header['fields']), header.get('where', '?')
   except (struct.error, ValueError, KeyError, TypeError, RecursionError) as e:
-    raise Fault('bad_json', f'not a record written by data/convert.py ({e})') from None
+    raise Fault('bad_json', f'not a record written by data/build_records.py ({e})') from None
   for key in images:  # records written before the paths were kept: the key stands for it
     fields.setdefault(key, key)
   return task, fields, images, where

@@ -11,7 +11,7 @@ Training rows for official Tuna-2 weights (model.pixel_layout='official', `assem
 pixel_layout) lay each span out as the official training data does: its length is the number
 of patches, so it holds the time token and every patch but the last; the last patch's pixels
 ride in the time slot (which the model never reads as pixels), because the official targets,
-strips of p*p raster pixels (`strips`), still cover most of them (objectives.flow_target).
+strips of p*p raster pixels (`strips`), still cover most of them (flow.flow_target).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A stream's source is one of
   FILE.jsonl     the reference JSON-lines format (records.py); random access over line offsets
-  DIR            ArrayRecord shards written by `python -m tuna2_jax.data.convert`
+  DIR            ArrayRecord shards written by `python -m tuna2_jax.data.build_records`
   tfds:NAME[:SPLIT]   a TFDS dataset through `tfds.data_source` (pip install tuna2_jax[tfds]);
                  data.tfds_fields.<task> maps the task's keys onto the dataset's features
 Every source is a grain MapDataset of raw items (where, payload): `where` names the record
@@ -29,7 +29,7 @@ from tuna2_jax.data import images as images_lib
 from tuna2_jax.data import records
 
 ARRAY_RECORD_SUFFIX = '.array_record'
-META_FILE = 'meta.json'  # written by data/convert.py next to the shards
+META_FILE = 'meta.json'  # written by data/build_records.py next to the shards
 TFDS_PREFIX = 'tfds:'
 # Default TFDS feature names for each task's keys (override with data.tfds_fields.<task>).
 TFDS_FIELDS = {'t2i': 'image=image,caption=caption', 'mmu': 'image=image,question=question,'
@@ -173,7 +173,8 @@ def stream_kind(spec: str, task: str) -> str:
   if os.path.isdir(spec):
     if not glob.glob(os.path.join(spec, '*' + ARRAY_RECORD_SUFFIX)):
       raise FileNotFoundError(f'data.{task}={spec!r} is a folder without {ARRAY_RECORD_SUFFIX} '
-                              'shards; expected one written by python -m tuna2_jax.data.convert')
+                              'shards; expected one written by '
+                              'python -m tuna2_jax.data.build_records')
     return 'array_record'
   if os.path.isfile(spec):
     return 'jsonl'
@@ -186,7 +187,7 @@ def check_converted(spec: str, task: str) -> dict:
   folder without one (an interrupted conversion, or shards of another tool), a meta.json that
   does not parse or lists shards that are not there, or one converted for another task."""
   meta_path = os.path.join(spec, META_FILE)
-  expected = 'expected a folder written by python -m tuna2_jax.data.convert, which writes ' \
+  expected = 'expected a folder written by python -m tuna2_jax.data.build_records, which writes ' \
              f'{META_FILE} after every shard'
   try:
     with open(meta_path, encoding='utf-8') as f:

@@ -23,10 +23,10 @@ import io
 import json
 import os
 
+import ml_collections
 import sentencepiece as spm
 from etils import epath
 
-from tuna2_jax import config_lib
 from tuna2_jax.data import shapes
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), 'assets', 'shapes_sp.model')
@@ -39,6 +39,32 @@ CHAT_TEMPLATE_FILE = 'chat_template.jinja'  # where transformers >= 4.43 saves t
 # The files of a Hugging Face tokenizer folder HFTokenizer reads (config.json aside).
 HF_TOKENIZER_FILES = (HF_TOKENIZER_FILE, 'tokenizer_config.json', CHAT_TEMPLATE_FILE)
 CHATML_MARKERS = ('<|im_start|>', '<|im_end|>')
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  """The tokenizer a run uses: data.tokenizer when set; else, when the decoder starts from
+  pretrained weights (init.decoder_from), that folder if it holds a tokenizer.json (a Hugging Face
+  folder, or `convert.qwen2`'s output, which copies it); else, for a run that starts from a
+  previous stage (init_from), the tokenizer that stage used; else '' (the shipped shapes model).
+
+  Raises ValueError for init.decoder_from without a tokenizer.json and no data.tokenizer: the
+  shipped 128-piece model would feed the pretrained decoder ids it was never trained on.
+  """
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  source = (config.get('init') or {}).get('decoder_from')
+  if source:
+    if (epath.Path(source) / HF_TOKENIZER_FILE).exists():
+      return source
+    raise ValueError(f'init.decoder_from={source!r} has no {HF_TOKENIZER_FILE} and '
+                     'data.tokenizer is empty: set --config.data.tokenizer to the pretrained '
+                     'model\'s tokenizer (its Hugging Face folder or tokenizer.json)')
+  if config.get('init_from'):
+    from tuna2_jax import checkpoint  # orbax, slow to import: only stage configs need it
+    previous = checkpoint.read_config(config.init_from)
+    if previous is not None:
+      return tokenizer_path(ml_collections.ConfigDict(json.loads(previous)))
+  return ''
 
 
 class Tokenizer(abc.ABC):
@@ -67,9 +93,9 @@ class Tokenizer(abc.ABC):
 
   @staticmethod
   def for_config(config) -> 'Tokenizer':
-    """The tokenizer a run's config names (config_lib.tokenizer_path: data.tokenizer, else the
+    """The tokenizer a run's config names (`tokenizer_path`: data.tokenizer, else the
     pretrained decoder's or the previous stage's, else the shipped model)."""
-    return Tokenizer.load(config_lib.tokenizer_path(config) or None,
+    return Tokenizer.load(tokenizer_path(config) or None,
                           dict(config.data.get('special_tokens') or {}))
 
   @property

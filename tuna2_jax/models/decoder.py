@@ -74,7 +74,7 @@ class Decoder(nnx.Module):
       return self.embed.attend(hidden_BTD)
     return self.lm_head(hidden_BTD)
 
-  def head_weight(self) -> jax.Array:
+  def lm_head_weight(self) -> jax.Array:
     """The LM head as a [D, V] matrix, for chunked losses that avoid materialising logits."""
     if self.lm_head is None:
       return self.embed.embedding[...].T

@@ -7,7 +7,7 @@ span's values, text positions the identity (shift 0, scale 0, gate 1). Attention
 token kind (`head_rope`): image tokens a 3D rope (t, h, w), text tokens a sectioned 3D rope
 of their 1D position or a 1D (llama3-scaled) rope, time tokens that of text or none, in the
 pairings the config names. The final layer maps each token to one clean p*p*3 pixel block
-(pixel_layout decides which pixels, see objectives.py) and starts at zero.
+(pixel_layout decides which pixels, see flow.py) and starts at zero.
 """
 
 from __future__ import annotations

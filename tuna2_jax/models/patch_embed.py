@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tuna2_jax.layout import MaskInfo
 from tuna2_jax.models.transformer import EMBED, PATCH, dense, rms_norm
 
 
@@ -29,8 +30,14 @@ class PatchEmbed(nnx.Module):
     self.norm = rms_norm(width, norm_eps, **kw)
     self.mask_token = mask_token(width, rngs, param_dtype)
 
-  def __call__(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, **unused) -> jax.Array:
-    """Pixel blocks in [-1, 1] (noisy or clean) [B, T, p*p*3] -> tokens [B, T, D]."""
+  def __call__(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
+               patch_grid_BT4: jax.Array | None, info: MaskInfo | None) -> jax.Array:
+    """Pixel blocks in [-1, 1] (noisy or clean) [B, T, p*p*3] -> tokens [B, T, D].
+
+    The call of both visual inputs (VisionEncoder's, models/tuna.py calls it once);
+    patch_grid_BT4 and info are not read: each patch is embedded alone.
+    """
+    del patch_grid_BT4, info
     h_BTD = self.norm(self.proj(x_BTP))
     if drop_BT is not None:
       h_BTD = jnp.where(drop_BT[..., None], self.mask_token[...].astype(h_BTD.dtype), h_BTD)

@@ -98,7 +98,8 @@ class VisionEncoder(nnx.Module):
 
   def __call__(self, x_BTP: jax.Array, drop_BT: jax.Array | None = None, *,
                patch_grid_BT4: jax.Array, info: layout.MaskInfo) -> jax.Array:
-    """Pixel blocks [B, T, p*p*3] -> decoder-width tokens [B, T, D] (meaningful at patches).
+    """Pixel blocks [B, T, p*p*3] -> decoder-width tokens [B, T, D] (meaningful at patches);
+    the call of both visual inputs (PatchEmbed's, models/tuna.py calls it once).
 
     patch_grid_BT4: (row, col, grid rows, grid cols) of each patch in its image.
     info must give patch tokens the span id of their image and every other token span id 0.

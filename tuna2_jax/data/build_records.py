@@ -1,6 +1,6 @@
 r"""Converts a JSON-lines file of one task into ArrayRecord shards the training pipeline reads.
 
-  python -m tuna2_jax.data.convert --jsonl data/t2i.jsonl --task t2i --output data/t2i_ar \
+  python -m tuna2_jax.data.build_records --jsonl data/t2i.jsonl --task t2i --output data/t2i_ar \
       [--image_root data/] [--num_shards 64] [--workers 8] [--absolute_paths]
 
 Each record keeps the line's JSON and the images' encoded bytes as they are (no re-encode;
