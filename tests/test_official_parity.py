@@ -150,9 +150,10 @@ def block_inputs(d: dict, grid: int = 4):
   spans = [[tuple(map(int, s)) for s in row if s[0] >= 0] for row in positions]
   batch = span_batch(length, spans, grid)
   per_row = positions.shape[1]
-  index = np.where(batch['image_index'] >= 0,
-                   np.arange(b)[:, None] * per_row + batch['image_index'], 0)
+  # The AdaLN input per span [B, 1 + spans, D]: row s for span id s, row 0 (text) unused.
+  index = np.arange(b)[:, None] * per_row + np.arange(per_row)[None, :]
   c = d['adaln_input'][index]
+  c = np.concatenate([np.zeros_like(c[:, :1]), c], axis=1)
   return jax.tree.map(jnp.asarray, as_batch(batch)), jnp.asarray(c)
 
 
@@ -170,8 +171,7 @@ def run_block(d: dict, params: dict, head_cfg, grid: int = 4):
   batch, c = block_inputs(d, grid)
   info = layout.row_info(batch)
   rope = head_rope(head_cfg, batch)
-  out, _ = block(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT > 0, rope, info, info,
-                 None)
+  out, _ = block(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT, rope, info, info, None)
   return np.asarray(out), block, batch, c, rope, info
 
 
@@ -180,7 +180,8 @@ def test_flow_block_matches_official():
   out, block, batch, c, rope, info = run_block(d, d, official_head())
   # The omni mask is the official one, and q after projection, q/k-norm and rope too.
   np.testing.assert_array_equal(layout.omni_mask_BTS(info, info), d['attention_mask_bool'])
-  mods = jnp.split(block.ada(jax.nn.silu(c)), 6, axis=-1)
+  c_BTD = jnp.take_along_axis(c, batch.span_ids_BT[..., None], axis=1)
+  mods = jnp.split(block.ada(jax.nn.silu(c_BTD)), 6, axis=-1)
   keep = (batch.span_ids_BT > 0)[..., None]
   shift, scale = (jnp.where(keep, m, 0.0) for m in mods[:2])
   x = block.norm1(jnp.asarray(d['hidden_states'])) * (1 + scale) + shift
@@ -242,7 +243,7 @@ def test_final_layer_and_unpatchify_match_official():
               keep=tuple(p for p in hf_folder.flat_paths(nnx.state(head, nnx.Param))
                          if p.startswith('blocks/')))
   batch, c = block_inputs(d)
-  out = np.asarray(head.final(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT > 0))
+  out = np.asarray(head.final(jnp.asarray(d['hidden_states']), c, batch.span_ids_BT))
   np.testing.assert_allclose(out, d['output'], atol=1e-5)
   image = d['image'][:, :, 0].transpose(0, 2, 3, 1)  # [N, C, T, H, W] -> [N, H, W, C]
   for r, (offset, _) in enumerate(d['modality_positions'][:, 0]):

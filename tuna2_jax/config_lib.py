@@ -177,6 +177,9 @@ def model(vision: str, patch_size: int, vocab_size: int, dec, head,
   # 'exact': each output token is its own p x p block; 'official': token k fills the k-th strip
   # of p*p raster pixels and training spans leave out each image's last patch (flow.py).
   m.pixel_layout = 'exact'
+  # The most image spans one row may hold: the flow head computes its AdaLN conditioning once
+  # per span, in a table of this many rows; the data packer closes a row before it has more.
+  m.max_spans = 64
   m.dtype = 'float32'  # compute dtype; parameters are stored in param_dtype
   m.param_dtype = 'float32'
   m.remat = 'none'  # models/transformer.py REMAT_POLICIES

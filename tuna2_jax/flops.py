@@ -12,9 +12,10 @@ counts nothing; recomputation under remat counts nothing. A training step is 3 f
 
 Hardware FLOPs add what the implementation runs beyond that, as MaxText reports both: every
 layer at every slot of the row (padding included), the LM head at whole chunks of gathered
-targets (objectives.TEXT_CHUNK), the modulations, time embeddings and output layer at every
-token (models/flow_head.py computes them per token), and the forward work remat recomputes in
-the backward pass (REMAT_RECOMPUTE).
+targets (objectives.TEXT_CHUNK), the modulations and time embeddings at every row of the
+per-span tables (model.max_spans + 1 per row: models/flow_head.py computes them per span, not
+per token), the output layer at every token, and the forward work remat recomputes in the
+backward pass (REMAT_RECOMPUTE).
 
 Everything is computed on the host from the batch's layout arrays (numpy), so the count of a
 step is exact for that step's packing.
@@ -98,7 +99,8 @@ def _layout(batch: layout.Batch) -> dict[str, float]:
   starts[:, 1:] &= (span[:, 1:] != span[:, :-1]) | (seg[:, 1:] != seg[:, :-1])
   patch_spans = np.where(np.asarray(batch.is_patch_BT), span, 0)
   return {
-      'slots': float(seg.size), 'tokens': float(valid.sum()), 'patches': float(is_patch.sum()),
+      'rows': float(seg.shape[0]), 'slots': float(seg.size), 'tokens': float(valid.sum()),
+      'patches': float(is_patch.sum()),
       'spans': float(starts.sum()),
       'text_targets': float(((np.asarray(batch.loss_mask_BT) > 0) & valid).sum()),
       'gen_patches': float((np.asarray(layout.flow_targets_BT(batch)) & valid).sum()),
@@ -124,6 +126,11 @@ def _conditioning(model: ml_collections.ConfigDict, n: float) -> float:
   return n * (embedders * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
 
 
+def _span_table_rows(model: ml_collections.ConfigDict, n: dict) -> float:
+  """Rows of the per-span conditioning tables the model computes (models/tuna.span_times)."""
+  return n['rows'] * (model.get('max_spans', 64) + 1)
+
+
 def forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
   """Model FLOPs of one forward pass over `batch` (host arrays)."""
   n = _layout(batch)
@@ -139,11 +146,12 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch
   """FLOPs one forward pass executes: every slot, the LM head at whole chunks of targets."""
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
-  parts = _stack_parts(model, n['slots'], n['keys'], n['slots'], n['slots'], n['span_keys'])
+  table_rows = _span_table_rows(model, n)
+  parts = _stack_parts(model, n['slots'], n['keys'], table_rows, n['slots'], n['span_keys'])
   chunk = min(text_chunk, n['slots'])
   lm_rows = math.ceil(n['text_targets'] / chunk) * chunk
   return (sum(parts.values()) + lm_rows * 2 * d * model.vocab_size
-          + _conditioning(model, n['slots']) + n['slots'] * 2 * d * pdim
+          + _conditioning(model, table_rows) + n['slots'] * 2 * d * pdim
           + _vision_input(model, n['slots']))
 
 
@@ -154,7 +162,8 @@ def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
   if remat not in REMAT_RECOMPUTE:
     raise ValueError(f'remat {remat!r}: expected one of {sorted(REMAT_RECOMPUTE)}')
   n = _layout(batch)
-  parts = _stack_parts(model, n['slots'], n['keys'], n['slots'], n['slots'], n['span_keys'])
+  parts = _stack_parts(model, n['slots'], n['keys'], _span_table_rows(model, n), n['slots'],
+                       n['span_keys'])
   return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
 
 

@@ -94,6 +94,10 @@ def sample_images(model, batch: Batch, key, flow_cfg: ml_collections.ConfigDict,
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'sampler {sampler!r}: expected one of {SAMPLERS}')
+  max_spans = getattr(model, 'max_spans', None)
+  if max_spans is not None and int(np.max(batch.span_ids_BT, initial=0)) > max_spans:
+    raise ValueError(f'a row holds {int(np.max(batch.span_ids_BT))} image spans, more than '
+                     f'model.max_spans={max_spans}')
   if prompt_cache is None:
     prompt_cache = hasattr(model, 'prefill')
   span = generated_slots(batch.gen_mask_BT) if prompt_cache else None

@@ -1,7 +1,8 @@
 """First-fit packing of variable-length samples into fixed-length rows, with exact resume.
 
 Samples (data/sequence.py layout, of mixed tasks and resolutions) are placed whole, so an image
-span is never split: each goes into the first of up to `num_bins` open rows with room. A sample
+span is never split: each goes into the first of up to `num_bins` open rows with room, in
+tokens and in image spans (at most `max_spans` per row, model.max_spans). A sample
 that fits none of them closes the window: its rows are emitted in order and the sample opens the
 next window. `sequence.pack` lays each row out (segments 1..n, span ids renumbered per row).
 
@@ -49,7 +50,7 @@ class FirstFitPackIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, num_bins: int, patch_size: int,
                pad_id: int, max_consecutive_faults: int = 10_000,
-               stream_names: dict | None = None):
+               stream_names: dict | None = None, max_spans: int | None = None):
     """stream_names: {task: how the error names its stream}, e.g. {'mmu': "data.mmu='a.jsonl'"}."""
     super().__init__(parent)
     if num_bins < 1:
@@ -58,6 +59,7 @@ class FirstFitPackIterDataset(grain.IterDataset):
       raise ValueError(f'max_consecutive_faults={max_consecutive_faults}: expected >= 1')
     self._kw = dict(seq_len=seq_len, num_bins=num_bins, patch_size=patch_size, pad_id=pad_id,
                     max_consecutive_faults=max_consecutive_faults,
+                    max_spans=max_spans or seq_len,
                     stream_names=dict(stream_names or {}))
 
   def __iter__(self) -> '_PackIterator':
@@ -70,13 +72,14 @@ class FirstFitPackIterDataset(grain.IterDataset):
 class _PackIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, num_bins: int,
-               patch_size: int, pad_id: int, max_consecutive_faults: int, stream_names: dict):
+               patch_size: int, pad_id: int, max_consecutive_faults: int, stream_names: dict,
+               max_spans: int):
     super().__init__(parent)
     self._stream_names = stream_names
     # Skipped records of each stream since its last sample; kept across windows (not in the
     # state: a resumed run counts afresh, which only delays the error).
     self._consecutive: dict[int, int] = {}
-    self._seq_len, self._num_bins = seq_len, num_bins
+    self._seq_len, self._num_bins, self._max_spans = seq_len, num_bins, max_spans
     self._patch_size, self._pad_id = patch_size, pad_id
     self._max_faults = max_consecutive_faults
     self._rows: list[dict] = []  # rows of the current window
@@ -91,8 +94,9 @@ class _PackIterator(grain.DatasetIterator):
       start, first = self._carry
       bins = [[first]]
       used = [len(first['tokens'])]
+      spans = [_spans(first)]
     else:
-      start, bins, used = self._parent.get_state(), [], []
+      start, bins, used, spans = self._parent.get_state(), [], [], []
     self._carry = None
     faults = np.zeros(len(records.FAULT_REASONS), np.int64)
     while True:
@@ -114,19 +118,22 @@ class _PackIterator(grain.DatasetIterator):
               'logged record locations and check the data paths')
         continue
       self._consecutive[int(el['task'][0])] = 0
-      n = len(el['tokens'])
-      if n > self._seq_len:
-        raise ValueError(f'a sample of {n} tokens exceeds seq_len={self._seq_len}; the loader '
-                         'should have skipped it')
+      n, k = len(el['tokens']), _spans(el)
+      if n > self._seq_len or k > self._max_spans:
+        raise ValueError(f'a sample of {n} tokens and {k} image spans exceeds seq_len='
+                         f'{self._seq_len} or max_spans={self._max_spans}; the loader should '
+                         'have skipped it')
       for b, u in enumerate(used):
-        if u + n <= self._seq_len:
+        if u + n <= self._seq_len and spans[b] + k <= self._max_spans:
           bins[b].append(el)
           used[b] += n
+          spans[b] += k
           break
       else:
         if len(bins) < self._num_bins:
           bins.append([el])
           used.append(n)
+          spans.append(k)
         else:
           self._carry = (before, el)
           break
@@ -161,6 +168,11 @@ class _PackIterator(grain.DatasetIterator):
     self._parent.set_state(state['parent'])
     self._rows, self._emitted, self._carry = [], 0, None
     self._skip, self._exhausted = int(state['emitted']), False
+
+
+def _spans(sample: dict) -> int:
+  """Image spans of one sample (its span ids run 1..n)."""
+  return int(sample['span_ids'].max(initial=0))
 
 
 class SkippedRecords:

@@ -66,7 +66,8 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
   """One packed row: samples of randomly chosen tasks until the next one does not fit."""
   rng = np.random.default_rng([config.seed, index])
   names, probs = stream_weights(config.data)
-  samples, used, misfits = [], 0, 0
+  samples, used, spans, misfits = [], 0, 0, 0
+  max_spans = config.model.get('max_spans') or config.seq_len
   while misfits < _MAX_MISFITS:
     ex = draw_shapes_example(rng, names[rng.choice(len(names), p=probs)], config.data)
     drop = rng.random() < config.objective.caption_dropout
@@ -76,11 +77,13 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
     if n > config.seq_len:
       raise ValueError(f'a {ex["task"]} sample has {n} tokens, more than seq_len='
                        f'{config.seq_len}; raise seq_len or lower the image size')
-    if used + n > config.seq_len:
+    k = int(s['span_ids'].max(initial=0))
+    if used + n > config.seq_len or spans + k > max_spans:
       misfits += 1
       continue
     samples.append(s)
     used += n
+    spans += k
   return seq.pack(samples, config.seq_len, patch_size=config.model.patch_size, pad_id=tok.pad_id)
 
 
@@ -121,6 +124,7 @@ class SampleMaker:
   fault_log: records.FaultLog = dataclasses.field(default_factory=records.FaultLog,
                                                   compare=False, repr=False)
   pixel_layout: str = 'exact'  # model.pixel_layout: 'official' lays spans out as its training
+  max_spans: int | None = None  # model.max_spans: a sample with more images is skipped
 
   def sample(self, index: int, item, may_drop_prompt: bool = True) -> dict:
     """The formatted sample; raises records.Fault (with `where` set) when it is skipped.
@@ -145,6 +149,12 @@ class SampleMaker:
       fault = records.Fault('too_long', f'a sample of {len(s["tokens"])} tokens > '
                             f'seq_len={self.seq_len}')
       fault.where, fault.tokens = where, len(s['tokens'])
+      raise fault
+    spans = int(s['span_ids'].max(initial=0))
+    if self.max_spans and spans > self.max_spans:
+      fault = records.Fault('too_long', f'a sample of {spans} images > model.max_spans='
+                            f'{self.max_spans}')
+      fault.where = where
       raise fault
     return s
 
@@ -219,7 +229,8 @@ def stream_parts(config: ml_collections.ConfigDict, task: str, spec: str, tok: T
     items = items.shuffle(seed=config.seed * 1000 + stream).repeat()
   maker = SampleMaker(loader, tok, config.model.patch_size, config.seq_len,
                       config.objective.caption_dropout, config.seed, stream,
-                      pixel_layout=config.model.pixel_layout)
+                      pixel_layout=config.model.pixel_layout,
+                      max_spans=config.model.get('max_spans'))
   return items, count, maker
 
 
@@ -286,6 +297,7 @@ def mixture_dataset(config: ml_collections.ConfigDict, tok: Tokenizer, *, local_
   it = packing.FirstFitPackIterDataset(
       it, seq_len=config.seq_len, num_bins=data.pack_bins, patch_size=config.model.patch_size,
       pad_id=tok.pad_id, max_consecutive_faults=data.max_consecutive_skips,
+      max_spans=config.model.get('max_spans'),
       stream_names={t: f'data.{t}={spec!r}' for t, spec, _ in active_streams(config)})
   it = it.batch(local_batch, drop_remainder=True)
   if data.worker_count > 0:

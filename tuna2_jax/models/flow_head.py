@@ -1,8 +1,9 @@
 """Flow head: modulated transformer blocks over the decoder's hidden states, predicting clean x.
 
-AdaLN-Zero modulation (shift/scale/gate per sublayer) comes from each token's timestep
-embedding and applies only at image-span positions (time token included); text positions see
-the identity (shift 0, scale 0, gate 1). Attention uses QK-RMSNorm, the omni mask and rope by
+AdaLN-Zero modulation (shift/scale/gate per sublayer) depends only on each image span's t: it
+is computed once per span, from the span's timestep embedding (a [B, S, D] table, row 0 for
+text), and gathered per token by span id; image-span positions (time token included) get their
+span's values, text positions the identity (shift 0, scale 0, gate 1). Attention uses QK-RMSNorm, the omni mask and rope by
 token kind (`head_rope`): image tokens a 3D rope (t, h, w), text tokens a sectioned 3D rope
 of their 1D position or a 1D (llama3-scaled) rope, time tokens that of text or none, in the
 pairings the config names. The final layer maps each token to one clean p*p*3 pixel block
@@ -72,15 +73,27 @@ def head_rope(cfg: ml_collections.ConfigDict, batch: layout.Batch):
   return rope_lib.HeadRope(text, image, kind, cfg.text_rope_pairing, cfg.image_rope_pairing)
 
 
-def _modulation(ada: nnx.Linear, c_BTD, is_image_BT, n: int) -> list[jax.Array]:
-  """n vectors (shift, scale[, gate] per sublayer), each the identity value at text positions.
+def span_modulation(ada: nnx.Linear, c_BSD, n: int) -> list[jax.Array]:
+  """n tables [B, S, D] (shift, scale[, gate] per sublayer), one row per image span.
 
-  Every third vector is a gate: 1 at text positions, the zero-initialised prediction at image
-  positions (AdaLN-Zero); shifts and scales are 0 at text positions.
+  Row 0 stands for text tokens and holds the identity (shifts and scales 0, gates 1); row s
+  the prediction from span s's conditioning, every third table a gate (AdaLN-Zero).
   """
-  mods = jnp.split(ada(jax.nn.silu(c_BTD)), n, axis=-1)
-  keep = is_image_BT[..., None]
-  return [jnp.where(keep, m, 1.0 if i % 3 == 2 else 0.0) for i, m in enumerate(mods)]
+  mods = jnp.split(ada(jax.nn.silu(c_BSD)), n, axis=-1)
+  text = (jnp.arange(c_BSD.shape[1]) == 0)[None, :, None]
+  return [jnp.where(text, 1.0 if i % 3 == 2 else 0.0, m) for i, m in enumerate(mods)]
+
+
+def per_token(table_BSD, span_ids_BT) -> jax.Array:
+  """Each token's row of a per-span table: [B, S, D] -> [B, T, D] (text: row 0).
+
+  A one-hot contraction rather than a gather: it is split over rows and tokens like the
+  activations, and its transpose (the tables' gradient) is another contraction, not a scatter.
+  One term of each sum is non-zero, so the result is the row exactly.
+  """
+  one_hot_BTS = (span_ids_BT[..., None] == jnp.arange(table_BSD.shape[1])).astype(
+      table_BSD.dtype)
+  return jnp.einsum('bts,bsd->btd', one_hot_BTS, table_BSD)
 
 
 class HeadBlock(nnx.Module):
@@ -95,8 +108,10 @@ class HeadBlock(nnx.Module):
     self.mlp = SwiGLU(width, cfg.mlp_dim, **kw)
     self.ada = dense(width, 6 * width, (EMBED, None), bias=True, init=_ZEROS, **kw)
 
-  def __call__(self, x_BTD, c_BTD, is_image_BT, rope, q_info, kv_info, cache):
-    shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.ada, c_BTD, is_image_BT, 6)
+  def __call__(self, x_BTD, c_BSD, span_ids_BT, rope, q_info, kv_info, cache):
+    """c_BSD: each image span's conditioning (row 0: text); span_ids_BT: row of each token."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = (
+        per_token(m, span_ids_BT) for m in span_modulation(self.ada, c_BSD, 6))
     h, cache = self.attn(self.norm1(x_BTD) * (1 + scale1) + shift1, rope, q_info, kv_info,
                          cache=cache)
     x_BTD = x_BTD + gate1 * h
@@ -121,25 +136,27 @@ class FlowHead(nnx.Module):
     self.final_ada = dense(width, 2 * width, (EMBED, None), bias=True, init=_ZEROS, **kw)
     self.out = dense(width, patch_dim, (EMBED, PATCH), bias=True, init=_ZEROS, **kw)
 
-  def __call__(self, hidden_BTD, c_BTD, is_image_BT, rope, q_info: layout.MaskInfo,
+  def __call__(self, hidden_BTD, c_BSD, span_ids_BT, rope, q_info: layout.MaskInfo,
                kv_info: layout.MaskInfo | None = None,
                cache: dict | None = None) -> tuple[jax.Array, dict | None]:
     """Decoder hidden states [B,T,D] -> predicted clean pixel blocks [B,T,p*p*3] (float32).
 
-    c_BTD: each token's timestep embedding (the AdaLN conditioning); rope: `head_rope`'s.
+    c_BSD: the AdaLN conditioning of each image span, row s for span id s (row 0: text);
+    span_ids_BT: each token's span id (0 for text); rope: `head_rope`'s.
     """
     kv_info = q_info if kv_info is None else kv_info
 
     def body(block, x, cache_l):
-      return block(x, c_BTD, is_image_BT, rope, q_info, kv_info, cache_l)
+      return block(x, c_BSD, span_ids_BT, rope, q_info, kv_info, cache_l)
 
     x_BTD, cache = run_stack(self.blocks, hidden_BTD.astype(self.dtype), body,
                              remat=self.remat, cache=cache)
-    return self.final(x_BTD, c_BTD, is_image_BT), cache
+    return self.final(x_BTD, c_BSD, span_ids_BT), cache
 
-  def final(self, x_BTD, c_BTD, is_image_BT) -> jax.Array:
+  def final(self, x_BTD, c_BSD, span_ids_BT) -> jax.Array:
     """The final layer: RMSNorm, shift/scale at image-span tokens, Linear -> [B, T, p*p*3]."""
-    shift, scale = _modulation(self.final_ada, c_BTD, is_image_BT, 2)
+    shift, scale = (per_token(m, span_ids_BT)
+                    for m in span_modulation(self.final_ada, c_BSD, 2))
     x_BTD = self.final_norm(x_BTD) * (1 + scale) + shift
     return self.out(x_BTD).astype(jnp.float32)
 

@@ -19,7 +19,7 @@ from tuna2_jax import objectives
 from tuna2_jax import sharding
 from tuna2_jax.models.attention import IMPLS
 from tuna2_jax.models.decoder import Decoder
-from tuna2_jax.models.flow_head import FlowHead, head_rope, timestep_embedder
+from tuna2_jax.models.flow_head import FlowHead, head_rope, per_token, timestep_embedder
 from tuna2_jax.models.patch_embed import PatchEmbed
 from tuna2_jax.models.timestep import ORDERS
 from tuna2_jax.models.transformer import RESIDUAL, dtype_of, empty_kv_cache
@@ -27,6 +27,7 @@ from tuna2_jax.models.vision_encoder import VisionEncoder
 
 VISIONS = ('patch', 'encoder')
 PIXEL_LAYOUTS = ('exact', 'official')
+MAX_SPANS = 64  # model.max_spans of runs recorded before the key existed
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None = None) -> None:
@@ -40,6 +41,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
   if cfg.time_embed_order not in ORDERS:
     raise ValueError(f'model.time_embed_order={cfg.time_embed_order!r}: expected one of '
                      f'{ORDERS}')
+  if cfg.get('max_spans', MAX_SPANS) < 1:
+    raise ValueError(f'model.max_spans={cfg.max_spans}: expected at least 1 image span per row')
   dec, head = cfg.decoder, cfg.head
   for name, c in (('decoder', dec), ('head', head)):
     if c.num_heads % c.num_kv_heads:
@@ -60,10 +63,24 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_size: int | None
                        f'{cfg.patch_size}')
 
 
+def span_times(t_BT, span_ids_BT, max_spans: int) -> jax.Array:
+  """Each image span's t [B, max_spans + 1] from the per-token t (column s: span id s).
+
+  Column 0 stands for text and, like spans absent from a row, holds 1 (clean). The tokens of a
+  span share its t, so the maximum over them is that t.
+  """
+  ids_S = jnp.arange(max_spans + 1)
+  t_BTS = jnp.where(span_ids_BT[..., None] == ids_S, t_BT[..., None].astype(jnp.float32),
+                    -jnp.inf)
+  t_BS = jnp.max(t_BTS, axis=1)
+  return jnp.where((ids_S == 0) | ~jnp.isfinite(t_BS), 1.0, t_BS)
+
+
 class Tuna(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     validate_model_config(cfg)
     self.cfg = cfg
+    self.max_spans = cfg.get('max_spans', MAX_SPANS)
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     width = cfg.decoder.width
@@ -79,15 +96,20 @@ class Tuna(nnx.Module):
                          time_embed=None if cfg.time_embed_shared else cfg, impl=cfg.attention,
                          remat=cfg.remat, **kw)
 
-  def head_condition(self, t_BT: jax.Array) -> jax.Array:
-    """The flow head's AdaLN conditioning [B, T, D]: each token's timestep embedding."""
+  def head_condition(self, t_BS: jax.Array) -> jax.Array:
+    """The flow head's AdaLN conditioning [B, S, D]: each image span's timestep embedding."""
     embedder = self.time_token if self.head.time_embed is None else self.head.time_embed
-    return embedder(t_BT)
+    return embedder(t_BS)
 
   def run_head(self, hidden_BTD, t_BT, batch: layout.Batch, q_info: layout.MaskInfo,
                kv_info: layout.MaskInfo | None = None, cache: dict | None = None):
-    """The flow head over a batch's slots: (x_hat [B, T, p*p*3], cache)."""
-    return self.head(hidden_BTD, self.head_condition(t_BT), batch.span_ids_BT > 0,
+    """The flow head over a batch's slots: (x_hat [B, T, p*p*3], cache).
+
+    The conditioning and every block's modulation run once per image span (span_times), not
+    per token: they depend only on the span's t.
+    """
+    t_BS = span_times(t_BT, batch.span_ids_BT, self.max_spans)
+    return self.head(hidden_BTD, self.head_condition(t_BS), batch.span_ids_BT,
                      head_rope(self.cfg.head, batch), q_info, kv_info, cache)
 
   def embed(self, batch: layout.Batch, x_BTP: jax.Array, t_BT: jax.Array,
@@ -100,7 +122,10 @@ class Tuna(nnx.Module):
     v_BTD = self.vision(x_BTP.astype(h_BTD.dtype), drop_BT,
                         patch_grid_BT4=batch.patch_grid_BT4, info=layout.patch_info(batch))
     h_BTD = jnp.where(batch.is_patch_BT[..., None], v_BTD.astype(h_BTD.dtype), h_BTD)
-    time_BTD = sharding.constrain(self.time_token(t_BT), RESIDUAL).astype(h_BTD.dtype)
+    # One embedding per image span, gathered at its time token.
+    t_BS = span_times(t_BT, batch.span_ids_BT, self.max_spans)
+    time_BTD = per_token(self.time_token(t_BS), batch.span_ids_BT)
+    time_BTD = sharding.constrain(time_BTD, RESIDUAL).astype(h_BTD.dtype)
     return jnp.where(batch.is_time_BT[..., None], time_BTD, h_BTD)
 
   def __call__(self, batch: layout.Batch, x_BTP: jax.Array, t_BT: jax.Array,
