@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import attention, packed_batch
-from conftest import load_experiment
+from conftest import cpu_env, load_experiment
 from tuna2_jax import flops
 
 
@@ -41,7 +41,7 @@ def test_gpu_suite_smoke_runs_every_step_and_writes_one_json(tmp_path):
   out = tmp_path / 'suite.json'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # One CPU device (not the session's eight fake ones): one row per train step, as on one GPU.
-  env = dict(os.environ, PYTHON=sys.executable, XLA_FLAGS='')
+  env = cpu_env(PYTHON=sys.executable)
   run = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu_suite.sh'), '--smoke',
                         '--out', str(out)], capture_output=True, text=True, env=env, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]

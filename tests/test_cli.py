@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cpu_env
 from tuna2_jax.data import shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +24,8 @@ CONFIG = 'experiments/shapes.py:runlocal=True'
 
 
 def _env() -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
   # Other test modules fake 8 devices through XLA_FLAGS; the smoke config expects the real one.
-  env.pop('XLA_FLAGS', None)
-  return env
+  return cpu_env()
 
 
 def _run(module: str, *args) -> subprocess.CompletedProcess:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_env
+
 pytest.importorskip('gcsfs', reason="gs:// needs the optional 'gcs' extra (gcsfs)")
 pytest.importorskip('gcp_storage_emulator', reason='the GCS emulator (test extra) is not installed')
 
@@ -32,12 +34,11 @@ def gcs_env():
                              BUCKET], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   assert server.stdout.readline().strip() == 'ready'
   url = f'http://localhost:{port}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+  env = cpu_env(PYTHONPATH=str(REPO),
              STORAGE_EMULATOR_HOST=url,  # gcsfs and google-cloud-storage
              TENSORSTORE_GCS_HTTP_URL=url,  # orbax's arrays
              GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no gRPC bucket-type probe
              GCE_METADATA_HOST='localhost:1', GCE_METADATA_ROOT='localhost:1')  # no metadata server
-  env.pop('XLA_FLAGS', None)
   yield env
   server.kill()
   server.wait()

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_experiment, train_losses
+from conftest import cpu_env, load_experiment, train_losses
 from tuna2_jax import sharding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +29,7 @@ def _free_port() -> int:
 
 
 def _train(workdir, total_steps: int, devices: int, *extra) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = cpu_env(devices)
   env.pop('JAX_COMPILATION_CACHE_DIR', None)  # not shared between concurrent processes
   return subprocess.Popen(
       [sys.executable, '-m', 'tuna2_jax.train', '--config=experiments/shapes.py:runlocal=True',
@@ -102,8 +101,7 @@ else:
 def test_barrier_timeout_names_the_missing_process():
   from tuna2_jax.distributed import EXIT_BARRIER_TIMEOUT
   port = str(_free_port())
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = cpu_env()
   procs = [subprocess.Popen([sys.executable, '-c', _LONELY_BARRIER, port, str(i)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_experiment
+from conftest import CPU_XLA_FLAGS, load_experiment
 from tuna2_jax import config_history, distributed, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,8 +139,7 @@ def _python(code: str, *args, env=None) -> subprocess.CompletedProcess:
   clean = {k: v for k, v in os.environ.items()
            if not k.startswith(('SLURM_', 'OMPI_', 'TPU_', 'MEGASCALE_', 'KUBERNETES_',
                                 'JAX_COORDINATOR'))}
-  clean.update(JAX_PLATFORMS='cpu', **(env or {}))
-  clean.pop('XLA_FLAGS', None)
+  clean.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CPU_XLA_FLAGS, **(env or {}))
   return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, env=clean,
                         capture_output=True, text=True, timeout=120)
 

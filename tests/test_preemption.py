@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)  # one CPU device
-  return env
+  return cpu_env(PYTHONUNBUFFERED='1')  # one CPU device
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:

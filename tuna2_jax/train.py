@@ -109,17 +109,19 @@ def tuna_loss(config: ml_collections.ConfigDict, graphdef) -> trainer.LossFn:
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
-                    mesh=None):
+                    mesh=None, params: nnx.State | None = None):
   """(state, batch, key) -> (state, metrics): one AdamW step plus the EMA update.
 
   With a mesh, the model's activation constraints (sharding.constrain) follow its rules table.
+  Only optim.trainable's parameters are differentiated, labelled on `params` (the abstract
+  parameters; None builds them).
   """
   return trainer.make_step(tuna_loss(config, graphdef), tx,
                            train_state.learning_rate(config.optim, config.total_steps),
                            ema_decay=config.optim.ema_decay, mesh=mesh,
                            rules=config.sharding_rules,
                            microbatches=config.optim.get('microbatches', 1),
-                           trained=train_state.trained_mask(config))
+                           trained=train_state.trained_mask(config, params))
 
 
 def setup(config: ml_collections.ConfigDict, mesh):
@@ -138,8 +140,8 @@ def setup(config: ml_collections.ConfigDict, mesh):
   sharding.check_replication(abstract['params'], shardings['params'], mesh,
                              config.max_replicated_fraction)
   tx = train_state.optimizer(config, abstract['params'])
-  step_fn = trainer.jit_step(make_train_step(config, graphdef, tx, mesh), shardings, mesh,
-                             config.sharding_rules)
+  step_fn = trainer.jit_step(make_train_step(config, graphdef, tx, mesh, abstract['params']),
+                             shardings, mesh, config.sharding_rules)
   return graphdef, abstract, shardings, step_fn
 
 

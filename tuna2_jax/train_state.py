@@ -45,11 +45,16 @@ def trainable_labels(params: nnx.State, pattern: str):
           '/'.join(str(getattr(k, 'key', k)) for k in path)) else 'freeze', params)
 
 
-def trained_mask(config: ml_collections.ConfigDict):
-  """True per trained parameter (optim.trainable's labels), None when every parameter trains."""
+def trained_mask(config: ml_collections.ConfigDict, params: nnx.State | None = None):
+  """True per trained parameter (optim.trainable's labels), None when every parameter trains.
+
+  params: the (abstract) parameters to label; None builds the abstract model for them.
+  """
   if not config.optim.trainable:
     return None
-  labels = trainable_labels(abstract_model(config)[1], config.optim.trainable)
+  if params is None:
+    params = abstract_model(config)[1]
+  labels = trainable_labels(params, config.optim.trainable)
   return jax.tree.map(lambda label: label == 'train', labels)
 
 
