@@ -14,8 +14,8 @@ Hardware FLOPs add what the implementation runs beyond that, as MaxText reports 
 layer at every slot of the row (padding included), the LM head at whole chunks of gathered
 targets (objectives.TEXT_CHUNK), the modulations and time embeddings at every row of the
 per-span tables (model.max_spans + 1 per row: models/flow_head.py computes them per span, not
-per token), the output layer at every token, and the forward work remat recomputes in the
-backward pass (REMAT_RECOMPUTE).
+per token) and the one-hot contractions that gather them per token, the output layer at every
+token, and the forward work remat recomputes in the backward pass (REMAT_RECOMPUTE).
 
 Everything is computed on the host from the batch's layout arrays (numpy), so the count of a
 step is exact for that step's packing.
@@ -35,16 +35,18 @@ TRAIN_PASSES = 3  # forward + backward (2 x forward)
 
 
 # Forward work each remat policy (models/transformer.py) runs again in the backward pass. Only
-# what the backward pass reads is rerun: never a block's two output projections (attention out,
-# MLP down), whose results nothing reads backwards. 'full' saves nothing else; the dots
-# policies keep every matmul but rerun the attention kernel (a Pallas call or a batched einsum
-# is not a saveable dot); save_qkv_attn keeps attention's inputs and output.
+# what the backward pass reads is rerun: the decoder's and encoder's output projections
+# (attention out, MLP down) never, as nothing reads their results backwards; the flow head's
+# ('head_out') are read by the gradient of their AdaLN-Zero gates. 'full' saves nothing else;
+# the dots policies keep every matmul but rerun the attention kernel (a Pallas call or a
+# batched einsum is not a saveable dot), dots_no_batch the per-span gathers too (batched
+# einsums); save_qkv_attn keeps attention's inputs and output.
 REMAT_RECOMPUTE = {
     'none': (),
-    'full': ('qkv', 'attention', 'mlp_in', 'modulation'),
+    'full': ('qkv', 'attention', 'mlp_in', 'modulation', 'head_out', 'span_gather'),
     'dots': ('attention',),
-    'dots_no_batch': ('attention',),
-    'save_qkv_attn': ('mlp_in', 'modulation'),
+    'dots_no_batch': ('attention', 'span_gather'),
+    'save_qkv_attn': ('mlp_in', 'modulation', 'head_out', 'span_gather'),
 }
 
 
@@ -59,22 +61,27 @@ def _timestep_embedder(width: int, freqs: int) -> int:
 
 
 def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
-                 n_mod: float, n_patch: float, span_keys: float) -> dict[str, float]:
+                 n_mod: float, n_patch: float, span_keys: float,
+                 gathers: float = 0.0) -> dict[str, float]:
   """FLOPs of the layer stacks (decoder, flow head, vision encoder) by part, for n_tok tokens,
   `keys` attended (query, key) pairs, n_mod modulated positions (AdaLN inputs), and for the
-  vision encoder n_patch patches with span_keys attended pairs."""
+  vision encoder n_patch patches with span_keys attended pairs. gathers: (token, table row)
+  pairs of the per-span tables' one-hot contractions (models/flow_head.per_token), which the
+  implementation runs and model FLOPs leave out."""
   dec, head, d = model.decoder, model.head, model.decoder.width
   dec_qkv, dec_out = _attention_projections(d, dec.num_heads, dec.num_kv_heads, dec.head_dim)
   head_qkv, head_out = _attention_projections(d, head.num_heads, head.num_kv_heads,
                                               head.head_dim)
   parts = {
       'qkv': n_tok * (dec.num_layers * dec_qkv + head.num_layers * head_qkv),
-      'out_proj': n_tok * (dec.num_layers * dec_out + head.num_layers * head_out),
+      'out_proj': n_tok * dec.num_layers * dec_out,
       'mlp_in': n_tok * 4 * d * (dec.num_layers * dec.mlp_dim + head.num_layers * head.mlp_dim),
-      'mlp_out': n_tok * 2 * d * (dec.num_layers * dec.mlp_dim + head.num_layers * head.mlp_dim),
+      'mlp_out': n_tok * 2 * d * dec.num_layers * dec.mlp_dim,
+      'head_out': n_tok * head.num_layers * (head_out + 2 * d * head.mlp_dim),
       'attention': 4 * keys * (dec.num_layers * dec.num_heads * dec.head_dim
                                + head.num_layers * head.num_heads * head.head_dim),
       'modulation': n_mod * head.num_layers * 2 * d * 6 * d,  # AdaLN: 6 vectors per block
+      'span_gather': gathers * head.num_layers * 6 * 2 * d,
   }
   if model.vision == 'encoder':
     enc = model.encoder
@@ -131,6 +138,13 @@ def _span_table_rows(model: ml_collections.ConfigDict, n: dict) -> float:
   return n['rows'] * (model.get('max_spans', 64) + 1)
 
 
+def _executed_stack_parts(model: ml_collections.ConfigDict, n: dict) -> dict[str, float]:
+  """_stack_parts as the implementation runs them: every slot, the per-span tables."""
+  gathers = n['slots'] * (model.get('max_spans', 64) + 1)
+  return _stack_parts(model, n['slots'], n['keys'], _span_table_rows(model, n), n['slots'],
+                      n['span_keys'], gathers)
+
+
 def forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
   """Model FLOPs of one forward pass over `batch` (host arrays)."""
   n = _layout(batch)
@@ -146,13 +160,15 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch
   """FLOPs one forward pass executes: every slot, the LM head at whole chunks of targets."""
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
-  table_rows = _span_table_rows(model, n)
-  parts = _stack_parts(model, n['slots'], n['keys'], table_rows, n['slots'], n['span_keys'])
+  parts = _executed_stack_parts(model, n)
   chunk = min(text_chunk, n['slots'])
   lm_rows = math.ceil(n['text_targets'] / chunk) * chunk
+  # Outside the stacks, three tables are gathered per token: the time tokens' embedding and
+  # the final layer's shift and scale.
+  gathers = 3 * n['slots'] * (model.get('max_spans', 64) + 1) * 2 * d
   return (sum(parts.values()) + lm_rows * 2 * d * model.vocab_size
-          + _conditioning(model, table_rows) + n['slots'] * 2 * d * pdim
-          + _vision_input(model, n['slots']))
+          + _conditioning(model, _span_table_rows(model, n)) + gathers
+          + n['slots'] * 2 * d * pdim + _vision_input(model, n['slots']))
 
 
 def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
@@ -162,8 +178,7 @@ def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
   if remat not in REMAT_RECOMPUTE:
     raise ValueError(f'remat {remat!r}: expected one of {sorted(REMAT_RECOMPUTE)}')
   n = _layout(batch)
-  parts = _stack_parts(model, n['slots'], n['keys'], _span_table_rows(model, n), n['slots'],
-                       n['span_keys'])
+  parts = _executed_stack_parts(model, n)
   return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
 
 
