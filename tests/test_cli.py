@@ -7,7 +7,6 @@ training run; the refusals that need no trained model use a workdir holding only
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
