@@ -28,9 +28,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(workdir, total_steps: int, devices: int, *extra) -> subprocess.Popen:
+def _train(workdir, total_steps: int, devices: int, *extra, cache: bool = False
+           ) -> subprocess.Popen:
+  """cache: use the session's compilation cache (never for concurrent processes)."""
   env = cpu_env(devices)
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # not shared between concurrent processes
+  if not cache:
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return subprocess.Popen(
       [sys.executable, '-m', 'tuna2_jax.train', '--config=experiments/shapes.py:runlocal=True',
        f'--workdir={workdir}', f'--config.total_steps={total_steps}', *OVERRIDES, *extra],
@@ -73,7 +76,8 @@ def test_two_processes_train_save_and_one_device_resumes(tmp_path):
   # process 0 only: the grid and its captions
   assert sorted(os.listdir(workdir / 'samples')) == ['step_000002.json', 'step_000002.png']
 
-  _finish(_train(workdir, 4, 1, '--config.eval_every=0'))  # one process, one device, no samples
+  # One process, one device, no samples; what it compiles, train_losses below reuses.
+  _finish(_train(workdir, 4, 1, '--config.eval_every=0', cache=True))
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [line['step'] for line in lines] == [1, 2, 3, 4]
 

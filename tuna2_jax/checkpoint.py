@@ -194,6 +194,19 @@ def _own_data_state(stored: Any, where: str) -> Any:
       'checkpoint was left untouched.')
 
 
+def _single_process_saves_without_replica_slices() -> None:
+  """One process writes every array whole, from one replica.
+
+  orbax's replica-parallel saving (its default off GPU) splits each replicated array among its
+  replicas, so that several hosts share the writes; within one process it only adds an eager
+  slice per array and replica (8 devices: 8 small programs per array at every save). Called
+  after jax.distributed is initialised, when the process count is known.
+  """
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """Saves and restores steps under `workdir/checkpoints`, keeping the newest `keep`."""
 
@@ -203,6 +216,7 @@ class Checkpointer:
     if save_every < 1:
       raise ValueError(f'save_every={save_every}: expected a positive number of steps')
     paths.check_supported(workdir)
+    _single_process_saves_without_replica_slices()
     self.workdir = workdir
     root = paths.absolute(workdir)  # orbax's tensorstore layer needs absolute paths
     self.directory = paths.join(root, CHECKPOINTS_DIR)
