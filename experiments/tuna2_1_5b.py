@@ -11,8 +11,8 @@ at the same size (SigLIP 2 So400M/16 encoder and connector in front of the same 
       --config.init.decoder_from=/data/Qwen2.5-1.5B-Instruct
   python -m tuna2_jax.train --config=experiments/tuna2_1_5b.py --dry_run --dry_run_topology=v6e-8
 
-The TPU it is sized for: a v6e-8 (fsdp=8, one 8k row per chip, splash): peak 12.4 GiB per chip
-of 31.25 GiB (39.7%, fits; compiled from a CPU host with libtpu, docs/scaling.md).
+The TPU it is sized for: a v6e-8 (fsdp=8, one 8k row per chip, splash): peak 11.9 GiB per chip
+of 31.25 GiB (37.9%, fits; compiled from a CPU host with libtpu, docs/scaling.md).
 
 Args: vision=patch|encoder; runlocal=True shrinks the widths for a smoke run with the same
 structure.
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
       head=config_lib.official_flow_head(16, 24, 6, 64, 8960, rope_split=(16, 24, 24)),
       encoder=config_lib.siglip2_so400m_16(max_grid=32)))
   # Compiled for a v6e-8 (8 x 31.25 GiB; docs/scaling.md): with fsdp over the 8 chips and full
-  # remat, one 8k row per chip peaks at 12.4 GiB (39.7% of HBM); remat='dots_no_batch' needed
+  # remat, one 8k row per chip peaks at 11.9 GiB (37.9% of HBM); remat='dots_no_batch' needed
   # 39.2 GiB (125%, an earlier release) and does not fit.
   c.model.update(dtype='bfloat16', param_dtype='float32', remat='full')
   # The official Tuna-2 conventions, with the exact pixel layout of new training.

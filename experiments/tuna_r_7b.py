@@ -9,8 +9,8 @@ tuna_r_7b_sft.py.
       --config.init_from=gs://BUCKET/tuna_r_7b_align
 
 Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64,
-4 rows of 16k tokens per chip in tuna2_7b.py's 2 microbatches, splash: peak 47.5 GiB per chip
-of 95.74 GiB (49.6%, fits).
+4 rows of 16k tokens per chip in tuna2_7b.py's 2 microbatches, splash: peak 45.0 GiB per chip
+of 95.74 GiB (47.0%, fits).
 """
 
 import os
