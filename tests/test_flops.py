@@ -152,3 +152,41 @@ def test_every_remat_policy_has_a_recompute_count():
                                         ('TPU v6 lite', 918e12), ('cpu', None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert flops.peak_flops(kind) == peak
+
+
+def test_a_step_training_some_parts_counts_their_backward_only():
+  """Tuna-R alignment (the connector alone): no backward pass through the frozen ViT, input
+  gradients through what the connector feeds, weight gradients for the connector only; as XLA
+  counts the gradient of the connector's parameters alone."""
+  config = _one_layer_config('encoder')
+  config.model.max_spans = 1  # the tables at one row per span, as model FLOPs count them
+  batch = layout.Batch.from_rows(_one_image_row(config, grid=4))
+  _, params = train_state.abstract_model(config)
+  assert train_state.trained_parts(config) is None  # optim.trainable='': every part
+  config.optim.trainable = 'connector'
+  trained = train_state.trained_parts(config, params)
+  assert trained == {'connector'}
+  parts = flops.forward_flops_by_part(config.model, batch)
+  assert sum(parts.values()) == pytest.approx(flops.forward_flops(config.model, batch))
+  step = flops.train_step_flops(config.model, batch, trained)
+  fed = parts['decoder'] + parts['head'] + parts['lm_head']
+  assert step == pytest.approx(sum(parts.values()) + parts['connector'] + fed)
+  assert step < flops.train_step_flops(config.model, batch) - 2 * parts['vision']
+  config.optim.trainable = '.'  # a pattern that trains everything counts as no pattern
+  assert train_state.trained_parts(config, params) is None
+
+  model = train_state.build_model(config)
+  graphdef, state = nnx.split(model, nnx.Param)
+  labels = train_state.trainable_labels(state, 'connector')
+  t = jnp.full(batch.segment_ids_BT.shape, 0.5)
+
+  def loss(trained_params):
+    merged = jax.tree.map(lambda l, p, q: p if l == 'train' else q, labels,
+                          trained_params, jax.lax.stop_gradient(state))
+    m = nnx.merge(graphdef, merged)
+    hidden, x_hat = m(batch, objectives.to_unit_range(batch.patches_BTP), t)
+    return jnp.sum(hidden.astype(jnp.float32) ** 2) + jnp.sum(x_hat ** 2)
+
+  xla = _xla_flops(jax.grad(loss), state)
+  print(f'\n  align step: analytic {step:.4g} FLOPs, XLA {xla:.4g} ({step / xla:.3f})')
+  assert 0.85 < step / xla <= 1.05

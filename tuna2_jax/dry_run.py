@@ -31,6 +31,7 @@ from tuna2_jax import flops
 from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax import topologies
+from tuna2_jax import train_state
 from tuna2_jax.data import sequence as seq
 
 GIB = 1024 ** 3
@@ -91,7 +92,8 @@ def step_flops(config: ml_collections.ConfigDict) -> float | None:
     return None
   row = seq.pack([sample] * fit, config.seq_len, patch_size=p, pad_id=0)
   return config.batch_size * flops.train_step_flops(
-      config.model, layout.Batch.from_rows({k: v[None] for k, v in row.items()}))
+      config.model, layout.Batch.from_rows({k: v[None] for k, v in row.items()}),
+      trained=train_state.trained_parts(config))
 
 
 def memory_report(step_fn, abstract_state: dict, state_shardings: dict, batch: layout.Batch,

@@ -8,7 +8,11 @@ an image span counts as bidirectional attention and text as causal; the LM head 
 text-target tokens; the AdaLN modulations and time embeddings, which depend only on each image's
 t, count once per image span; the output layer counts at generation-target patches. Padding
 counts nothing; recomputation under remat counts nothing. A training step is 3 forward passes
-(the backward pass costs twice the forward).
+(the backward pass costs twice the forward). A step that trains only some parameters
+(optim.trainable) counts, per part of the model (PARTS), the forward, the weight gradients of
+the trained parts, and the input gradients only of parts that a trained part feeds: an
+alignment step that trains the connector alone runs no backward pass through the frozen ViT in
+front of it and no weight gradients behind it.
 
 Hardware FLOPs add what the implementation runs beyond that, as MaxText reports both: every
 layer at every slot of the row (padding included), the LM head at whole chunks of gathered
@@ -24,6 +28,7 @@ step is exact for that step's packing.
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 import numpy as np
@@ -94,6 +99,58 @@ def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
     parts['mlp_out'] += n_patch * enc.num_layers * 2 * we * enc.mlp_dim
     parts['attention'] += 4 * span_keys * enc.num_layers * we
   return parts
+
+
+# The parts of the forward pass for a step that trains some of them: the parameter paths each
+# owns (the first prefix that matches wins) and the parts whose outputs it reads.
+PARTS = {
+    'connector': (('vision/connector',), ('vision',)),
+    'vision': (('vision/',), ()),
+    'time': (('time_token/', 'head/time_embed/'), ()),
+    'embed': (('decoder/embed/',), ()),
+    'decoder': (('decoder/blocks/', 'decoder/norm/'), ('vision', 'connector', 'time', 'embed')),
+    'lm_head': (('decoder/lm_head/',), ('decoder',)),
+    'head': (('head/',), ('decoder', 'time')),
+}
+
+
+def part_of(path: str, tied_embeddings: bool = False) -> str:
+  """The PARTS name of a parameter path ('vision/connector_fc1/kernel' -> 'connector')."""
+  if tied_embeddings and path.startswith('decoder/embed/'):
+    return 'embed'  # also the LM head's weight; trained_parts adds lm_head
+  for name, (prefixes, _) in PARTS.items():
+    if path.startswith(prefixes):
+      return name
+  raise ValueError(f'parameter {path!r} belongs to none of the parts {sorted(PARTS)}')
+
+
+def trained_parts(paths, model: ml_collections.ConfigDict, pattern: str) -> frozenset | None:
+  """The parts with a parameter the optim.trainable regex trains; None when every parameter
+  trains (the step is then counted as 3 forward passes, as without a pattern)."""
+  if not pattern:
+    return None
+  regex = re.compile(pattern)
+  paths = list(paths)
+  if all(regex.search(p) for p in paths):
+    return None
+  tied = bool(model.decoder.get('tie_embeddings', False))
+  parts = {part_of(p, tied) for p in paths if regex.search(p)}
+  if tied and 'embed' in parts:
+    parts.add('lm_head')
+  return frozenset(parts)
+
+
+def _feeds(part: str, trained: frozenset) -> bool:
+  """Whether a trained part lies upstream of `part` (its input gradient is then needed)."""
+  todo, seen = list(PARTS[part][1]), set()
+  while todo:
+    p = todo.pop()
+    if p in trained:
+      return True
+    if p not in seen:
+      seen.add(p)
+      todo.extend(PARTS[p][1])
+  return False
 
 
 def _layout(batch: layout.Batch) -> dict[str, float]:
@@ -182,9 +239,55 @@ def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
   return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
 
 
-def train_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
-  """Model FLOPs of a training step: what MFU divides by the peak."""
-  return TRAIN_PASSES * forward_flops(model, batch)
+def forward_flops_by_part(model: ml_collections.ConfigDict, batch: layout.Batch
+                          ) -> dict[str, float]:
+  """forward_flops split over PARTS (their sum is forward_flops)."""
+  n = _layout(batch)
+  d, pdim = model.decoder.width, model.patch_size ** 2 * 3
+  args = (n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
+  stacks = {name: sum(_stack_parts(_only(model, name), *args).values())
+            for name in ('decoder', 'head', 'encoder')}
+  out = dict.fromkeys(PARTS, 0.0)
+  out['decoder'] = stacks['decoder']
+  out['lm_head'] = n['text_targets'] * 2 * d * model.vocab_size
+  embedders = 1 if model.get('time_embed_shared') else 2
+  out['time'] = n['spans'] * embedders * _timestep_embedder(d, model.time_embed_freqs)
+  out['head'] = stacks['head'] + n['spans'] * 2 * d * 2 * d + n['gen_patches'] * 2 * d * pdim
+  if model.vision == 'patch':
+    out['vision'] = _vision_input(model, n['patches'])
+  else:
+    we = model.encoder.width
+    out['vision'] = stacks['encoder'] + n['patches'] * 2 * pdim * we
+    out['connector'] = n['patches'] * (2 * we * d + 2 * d * d)
+  return out
+
+
+def _only(model: ml_collections.ConfigDict, stack: str) -> ml_collections.ConfigDict:
+  """The model with every layer stack but `stack` zero layers deep (for per-stack counts)."""
+  m = ml_collections.ConfigDict(model.to_dict())
+  for name in ('decoder', 'head', 'encoder'):
+    if name != stack and name in m:
+      m[name].num_layers = 0
+  if stack != 'encoder':
+    m.vision = 'patch'
+  return m
+
+
+def train_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
+                     trained: frozenset | None = None) -> float:
+  """Model FLOPs of a training step: what MFU divides by the peak.
+
+  trained: the parts that train (trained_parts), None for all: 3 forward passes. Otherwise the
+  forward, plus a forward's worth for the weight gradients of each trained part and another for
+  the input gradients of each part a trained part feeds.
+  """
+  if trained is None:
+    return TRAIN_PASSES * forward_flops(model, batch)
+  unknown = set(trained) - set(PARTS)
+  if unknown:
+    raise ValueError(f'trained parts {sorted(unknown)}: expected some of {sorted(PARTS)}')
+  return sum(f * (1 + (part in trained) + _feeds(part, trained))
+             for part, f in forward_flops_by_part(model, batch).items())
 
 
 def hardware_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:

@@ -220,7 +220,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history = eval_lib.EvalHistory(config, tok, writer, totals)
   # Tokens, model FLOPs and MFU of the logged steps; the skipped-record counts continue the
   # totals of the runs this one resumes (kept in the checkpoints), so the logged counts add up.
-  stats = trainer.StepStats(functools.partial(flops.train_step_flops, config.model),
+  stats = trainer.StepStats(functools.partial(
+      flops.train_step_flops, config.model,
+      trained=train_state.trained_parts(config, abstract['params'])),
                             process_count=jax.process_count(), device_count=jax.device_count(),
                             peak_flops=flops.peak_flops(jax.devices()[0].device_kind),
                             resumed=totals)  # no peak on CPUs: no MFU then

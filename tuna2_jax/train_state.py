@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from tuna2_jax import checkpoint as ckpt_lib
+from tuna2_jax import flops
 from tuna2_jax import sharding
 from tuna2_jax import trainer
 from tuna2_jax.models.tuna import Tuna, validate_model_config
@@ -37,12 +38,27 @@ def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   return optax.join_schedules([warmup, decay], [optim.warmup_steps])
 
 
+def _path(keys) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in keys)
+
+
 def trainable_labels(params: nnx.State, pattern: str):
   """'train' / 'freeze' per parameter: a path is trained iff the regex matches it ('' = all)."""
   regex = re.compile(pattern) if pattern else None
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'train' if regex is None or regex.search(
-          '/'.join(str(getattr(k, 'key', k)) for k in path)) else 'freeze', params)
+      lambda path, _: 'train' if regex is None or regex.search(_path(path)) else 'freeze',
+      params)
+
+
+def trained_parts(config: ml_collections.ConfigDict, params: nnx.State | None = None):
+  """The model parts (flops.PARTS) optim.trainable trains, for the step's model FLOPs; None
+  when every parameter trains. params: the (abstract) parameters; None builds them."""
+  if not config.optim.trainable:
+    return None
+  if params is None:
+    params = abstract_model(config)[1]
+  paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return flops.trained_parts(paths, config.model, config.optim.trainable)
 
 
 def trained_mask(config: ml_collections.ConfigDict, params: nnx.State | None = None):
