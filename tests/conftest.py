@@ -38,6 +38,20 @@ def cpu_env(devices: int | None = None, **extra) -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags, **extra)
 
 
+# The slowest files first (seconds of a whole run here, most first): pytest-xdist's --dist
+# loadfile hands files to its workers in collection order, so the long ones start at once and
+# the short ones fill in behind them instead of one long file ending the run alone.
+SLOW_FILES = ('test_cli.py', 'test_attention_kernels.py', 'test_sharding.py', 'test_benchmarks.py',
+              'test_multihost.py', 'test_data_pipeline.py', 'test_training.py',
+              'test_ablations.py', 'test_real_data_eval.py', 'test_stages.py', 'test_gcs.py',
+              'test_tpu_compile.py', 'test_data_faults.py', 'test_sampling.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: runs a whole (tiny) training or sampling loop')
 
