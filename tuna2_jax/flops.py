@@ -65,39 +65,44 @@ def _timestep_embedder(width: int, freqs: int) -> int:
   return 2 * (freqs * width + width * width)
 
 
+STACKS = ('decoder', 'head', 'encoder')
+
+
 def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
                  n_mod: float, n_patch: float, span_keys: float,
-                 gathers: float = 0.0) -> dict[str, float]:
+                 gathers: float = 0.0, stacks=STACKS) -> dict[str, float]:
   """FLOPs of the layer stacks (decoder, flow head, vision encoder) by part, for n_tok tokens,
   `keys` attended (query, key) pairs, n_mod modulated positions (AdaLN inputs), and for the
   vision encoder n_patch patches with span_keys attended pairs. gathers: (token, table row)
   pairs of the per-span tables' one-hot contractions (models/flow_head.per_token), which the
-  implementation runs and model FLOPs leave out."""
+  implementation runs and model FLOPs leave out. stacks: the stacks counted (all by default)."""
   dec, head, d = model.decoder, model.head, model.decoder.width
+  ld = dec.num_layers if 'decoder' in stacks else 0
+  lh = head.num_layers if 'head' in stacks else 0
   dec_qkv, dec_out = _attention_projections(d, dec.num_heads, dec.num_kv_heads, dec.head_dim)
   head_qkv, head_out = _attention_projections(d, head.num_heads, head.num_kv_heads,
                                               head.head_dim)
   parts = {
-      'qkv': n_tok * (dec.num_layers * dec_qkv + head.num_layers * head_qkv),
-      'out_proj': n_tok * dec.num_layers * dec_out,
-      'mlp_in': n_tok * 4 * d * (dec.num_layers * dec.mlp_dim + head.num_layers * head.mlp_dim),
-      'mlp_out': n_tok * 2 * d * dec.num_layers * dec.mlp_dim,
-      'head_out': n_tok * head.num_layers * (head_out + 2 * d * head.mlp_dim),
-      'attention': 4 * keys * (dec.num_layers * dec.num_heads * dec.head_dim
-                               + head.num_layers * head.num_heads * head.head_dim),
-      'modulation': n_mod * head.num_layers * 2 * d * 6 * d,  # AdaLN: 6 vectors per block
-      'span_gather': gathers * head.num_layers * 6 * 2 * d,
+      'qkv': n_tok * (ld * dec_qkv + lh * head_qkv),
+      'out_proj': n_tok * ld * dec_out,
+      'mlp_in': n_tok * 4 * d * (ld * dec.mlp_dim + lh * head.mlp_dim),
+      'mlp_out': n_tok * 2 * d * ld * dec.mlp_dim,
+      'head_out': n_tok * lh * (head_out + 2 * d * head.mlp_dim),
+      'attention': 4 * keys * (ld * dec.num_heads * dec.head_dim
+                               + lh * head.num_heads * head.head_dim),
+      'modulation': n_mod * lh * 2 * d * 6 * d,  # AdaLN: 6 vectors per block
+      'span_gather': gathers * lh * 6 * 2 * d,
   }
-  if model.vision == 'encoder':
+  if model.vision == 'encoder' and 'encoder' in stacks:
     enc = model.encoder
-    we = enc.width
+    we, le = enc.width, enc.num_layers
     enc_qkv, enc_out = _attention_projections(we, enc.num_heads, enc.num_heads,
                                               we // enc.num_heads)
-    parts['qkv'] += n_patch * enc.num_layers * enc_qkv
-    parts['out_proj'] += n_patch * enc.num_layers * enc_out
-    parts['mlp_in'] += n_patch * enc.num_layers * 2 * we * enc.mlp_dim
-    parts['mlp_out'] += n_patch * enc.num_layers * 2 * we * enc.mlp_dim
-    parts['attention'] += 4 * span_keys * enc.num_layers * we
+    parts['qkv'] += n_patch * le * enc_qkv
+    parts['out_proj'] += n_patch * le * enc_out
+    parts['mlp_in'] += n_patch * le * 2 * we * enc.mlp_dim
+    parts['mlp_out'] += n_patch * le * 2 * we * enc.mlp_dim
+    parts['attention'] += 4 * span_keys * le * we
   return parts
 
 
@@ -245,8 +250,7 @@ def forward_flops_by_part(model: ml_collections.ConfigDict, batch: layout.Batch
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
   args = (n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
-  stacks = {name: sum(_stack_parts(_only(model, name), *args).values())
-            for name in ('decoder', 'head', 'encoder')}
+  stacks = {name: sum(_stack_parts(model, *args, stacks=(name,)).values()) for name in STACKS}
   out = dict.fromkeys(PARTS, 0.0)
   out['decoder'] = stacks['decoder']
   out['lm_head'] = n['text_targets'] * 2 * d * model.vocab_size
@@ -260,17 +264,6 @@ def forward_flops_by_part(model: ml_collections.ConfigDict, batch: layout.Batch
     out['vision'] = stacks['encoder'] + n['patches'] * 2 * pdim * we
     out['connector'] = n['patches'] * (2 * we * d + 2 * d * d)
   return out
-
-
-def _only(model: ml_collections.ConfigDict, stack: str) -> ml_collections.ConfigDict:
-  """The model with every layer stack but `stack` zero layers deep (for per-stack counts)."""
-  m = ml_collections.ConfigDict(model.to_dict())
-  for name in ('decoder', 'head', 'encoder'):
-    if name != stack and name in m:
-      m[name].num_layers = 0
-  if stack != 'encoder':
-    m.vision = 'patch'
-  return m
 
 
 def train_step_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
