@@ -66,6 +66,19 @@ def test_save_restore_round_trip(tmp_path):
   assert meta == {'model': 'tiny'}
 
 
+def test_one_process_saves_whole_arrays_without_a_warning(tmp_path, caplog):
+  """No replica-parallel slices in a single process; the handler swap logs nothing."""
+  import orbax.checkpoint as ocp
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(),
+                                          override=True)  # orbax's default, as at start-up
+  caplog.clear()  # that override's own warning
+  with caplog.at_level('WARNING'):
+    with Checkpointer(str(tmp_path), keep=1, save_every=1) as ckpt:
+      ckpt.save(1, _state(2.0))
+  assert isinstance(ocp.type_handlers.get_type_handler(jax.Array), checkpoint._WholeArrayHandler)
+  assert not [r for r in caplog.records if 'overriding' in r.getMessage()], caplog.text
+
+
 def test_relative_workdir(tmp_path, monkeypatch):
   # The README's commands pass relative workdirs such as runs/shapes.
   monkeypatch.chdir(tmp_path)

@@ -202,9 +202,29 @@ def _single_process_saves_without_replica_slices() -> None:
   slice per array and replica (8 devices: 8 small programs per array at every save). Called
   after jax.distributed is initialised, when the process count is known.
   """
-  if jax.process_count() == 1:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  if jax.process_count() > 1:
+    return
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if isinstance(handler, _WholeArrayHandler):
+    return
+  # orbax logs a warning for every override; this one is meant.
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(_drop_override_warning)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, _WholeArrayHandler(), override=True)
+  finally:
+    absl_logger.removeFilter(_drop_override_warning)
+
+
+def _drop_override_warning(record) -> bool:
+  return 'overriding' not in record.getMessage()
+
+
+class _WholeArrayHandler(ocp.type_handlers.ArrayHandler):
+  """orbax's array handler without replica-parallel saving."""
+
+  def __init__(self):
+    super().__init__(use_replica_parallel=False)
 
 
 class Checkpointer:
