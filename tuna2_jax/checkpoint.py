@@ -316,6 +316,11 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def state_items(self, step: int) -> list[str]:
+    """The top-level entries of `step`'s state ('params', 'opt', 'ema', 'step', ...), read from
+    its metadata alone."""
+    return list(self._manager.item_metadata(step)[_STATE].tree)
+
   def check(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError unless `step` holds exactly the arrays of `abstract_state`."""
     self._check_against(step, shape_signature(abstract_state))

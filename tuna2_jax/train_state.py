@@ -129,18 +129,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def has_ema(workdir: str) -> bool:
   """Whether the latest checkpoint's state holds an EMA (False also when there is none)."""
-  import os
-
-  import orbax.checkpoint as ocp
-  from tuna2_jax.convert import hf_folder
   with ckpt_lib.Checkpointer(workdir, keep=1, save_every=1, async_save=False) as ckpt:
     step = ckpt.latest_step()
-  if step is None:
-    return False
-  path = os.path.join(hf_folder.absolute(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
-  metadata = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(getattr(metadata, 'item_metadata', metadata), 'tree', metadata)
-  return 'ema' in tree
+    return step is not None and 'ema' in ckpt.state_items(step)
 
 
 def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
