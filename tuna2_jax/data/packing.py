@@ -94,7 +94,7 @@ class _PackIterator(grain.DatasetIterator):
       start, first = self._carry
       bins = [[first]]
       used = [len(first['tokens'])]
-      spans = [_spans(first)]
+      spans = [seq.image_spans(first)]
     else:
       start, bins, used, spans = self._parent.get_state(), [], [], []
     self._carry = None
@@ -118,7 +118,7 @@ class _PackIterator(grain.DatasetIterator):
               'logged record locations and check the data paths')
         continue
       self._consecutive[int(el['task'][0])] = 0
-      n, k = len(el['tokens']), _spans(el)
+      n, k = len(el['tokens']), seq.image_spans(el)
       if n > self._seq_len or k > self._max_spans:
         raise ValueError(f'a sample of {n} tokens and {k} image spans exceeds seq_len='
                          f'{self._seq_len} or max_spans={self._max_spans}; the loader should '
@@ -168,11 +168,6 @@ class _PackIterator(grain.DatasetIterator):
     self._parent.set_state(state['parent'])
     self._rows, self._emitted, self._carry = [], 0, None
     self._skip, self._exhausted = int(state['emitted']), False
-
-
-def _spans(sample: dict) -> int:
-  """Image spans of one sample (its span ids run 1..n)."""
-  return int(sample['span_ids'].max(initial=0))
 
 
 class SkippedRecords:

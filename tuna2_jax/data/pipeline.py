@@ -77,7 +77,7 @@ def shapes_row(index: int, *, config: ml_collections.ConfigDict, tok: Tokenizer)
     if n > config.seq_len:
       raise ValueError(f'a {ex["task"]} sample has {n} tokens, more than seq_len='
                        f'{config.seq_len}; raise seq_len or lower the image size')
-    k = int(s['span_ids'].max(initial=0))
+    k = seq.image_spans(s)
     if used + n > config.seq_len or spans + k > max_spans:
       misfits += 1
       continue
@@ -150,7 +150,7 @@ class SampleMaker:
                             f'seq_len={self.seq_len}')
       fault.where, fault.tokens = where, len(s['tokens'])
       raise fault
-    spans = int(s['span_ids'].max(initial=0))
+    spans = seq.image_spans(s)
     if self.max_spans and spans > self.max_spans:
       fault = records.Fault('too_long', f'a sample of {spans} images > model.max_spans='
                             f'{self.max_spans}')

@@ -158,6 +158,11 @@ def assemble(pieces: Sequence[Piece], task: str, *, img_id: int, patch_size: int
   }
 
 
+def image_spans(sample: dict) -> int:
+  """Image spans of one sample or packed row (its span ids run 1..n)."""
+  return int(sample['span_ids'].max(initial=0))
+
+
 def empty_row(seq_len: int, patch_size: int, pad_id: int) -> dict:
   pdim = patch_size * patch_size * 3
   row = {k: np.zeros(seq_len, np.int32) for k in ('targets', 'segment_ids', 'positions',
@@ -191,7 +196,7 @@ def pack(samples: Sequence[dict], seq_len: int, *, patch_size: int, pad_id: int)
     row[k][total:] = pad_id if k == 'tokens' else 0
   row['segment_ids'][:total] = np.repeat(np.arange(1, len(samples) + 1, dtype=np.int32), lengths)
   # Span ids continue from the previous sample's last span.
-  before = np.cumsum([0] + [int(s['span_ids'].max(initial=0)) for s in samples[:-1]])
+  before = np.cumsum([0] + [image_spans(s) for s in samples[:-1]])
   span_ids = row['span_ids'][:total]
   span_ids += np.where(span_ids > 0, np.repeat(before, lengths), 0).astype(span_ids.dtype)
   return row
