@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from tuna2_jax import layout
+from tuna2_jax.models.tuna import MAX_SPANS
 from tuna2_jax.objectives import TEXT_CHUNK
 
 TRAIN_PASSES = 3  # forward + backward (2 x forward)
@@ -195,14 +196,18 @@ def _conditioning(model: ml_collections.ConfigDict, n: float) -> float:
   return n * (embedders * _timestep_embedder(d, model.time_embed_freqs) + 2 * d * 2 * d)
 
 
+def _table_width(model: ml_collections.ConfigDict) -> int:
+  """Rows of the per-span conditioning tables per batch row (models/tuna.span_times)."""
+  return model.get('max_spans', MAX_SPANS) + 1
+
+
 def _span_table_rows(model: ml_collections.ConfigDict, n: dict) -> float:
-  """Rows of the per-span conditioning tables the model computes (models/tuna.span_times)."""
-  return n['rows'] * (model.get('max_spans', 64) + 1)
+  return n['rows'] * _table_width(model)
 
 
 def _executed_stack_parts(model: ml_collections.ConfigDict, n: dict) -> dict[str, float]:
   """_stack_parts as the implementation runs them: every slot, the per-span tables."""
-  gathers = n['slots'] * (model.get('max_spans', 64) + 1)
+  gathers = n['slots'] * _table_width(model)
   return _stack_parts(model, n['slots'], n['keys'], _span_table_rows(model, n), n['slots'],
                       n['span_keys'], gathers)
 
@@ -227,7 +232,7 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch
   lm_rows = math.ceil(n['text_targets'] / chunk) * chunk
   # Outside the stacks, three tables are gathered per token: the time tokens' embedding and
   # the final layer's shift and scale.
-  gathers = 3 * n['slots'] * (model.get('max_spans', 64) + 1) * 2 * d
+  gathers = 3 * n['slots'] * _table_width(model) * 2 * d
   return (sum(parts.values()) + lm_rows * 2 * d * model.vocab_size
           + _conditioning(model, _span_table_rows(model, n)) + gathers
           + n['slots'] * 2 * d * pdim + _vision_input(model, n['slots']))
