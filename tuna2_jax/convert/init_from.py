@@ -51,12 +51,17 @@ def _sub(flat: dict, prefix: str) -> dict:
 
 
 def _restore_params(path: str, wanted: dict[str, jax.ShapeDtypeStruct], where: str,
-                    partial: bool) -> dict[str, jax.Array]:
-  """{name: array} of the named arrays of an orbax checkpoint, in the wanted shardings."""
-  metadata = ocp.PyTreeCheckpointer().metadata(path)
-  metadata = getattr(metadata, 'item_metadata', metadata)
+                    partial: bool, metadata=None) -> dict[str, jax.Array]:
+  """{name: array} of the named arrays of an orbax checkpoint, in the wanted shardings.
+
+  metadata: the checkpoint's tree of array metadata when the caller has read it (a training
+  step's state item, whose metadata orbax keeps at the step, not in `path`)."""
+  if metadata is None:
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = getattr(metadata, 'item_metadata', metadata)
+    metadata = getattr(metadata, 'tree', metadata)
   stored = {hf_folder.path_name(p): (hf_folder.path_keys(p), leaf) for p, leaf in
-            jax.tree_util.tree_flatten_with_path(getattr(metadata, 'tree', metadata))[0]}
+            jax.tree_util.tree_flatten_with_path(metadata)[0]}
   for name, want in sorted(wanted.items()):
     if name not in stored:
       raise ConversionError(f'{where}: parameter {name!r} is missing from the checkpoint')
@@ -82,14 +87,16 @@ def workdir_params(workdir: str, abstract: dict, shardings: dict, item: str = 'p
     raise FileNotFoundError(f'{where}={workdir!r}: no such training workdir')
   with ckpt_lib.Checkpointer(workdir, keep=1, save_every=1, async_save=False) as ckpt:
     step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{where}={workdir!r}: no checkpoint under '
-                            f'{os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)}')
+    if step is None:
+      raise FileNotFoundError(f'{where}={workdir!r}: no checkpoint under '
+                              f'{os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)}')
+    metadata = ckpt.state_metadata(step)
   wanted = {f'{item}/{k}': jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
             for k, v in abstract.items()}
   # orbax reads metadata only through absolute paths (a relative one looks empty).
   path = os.path.join(hf_folder.absolute(workdir), ckpt_lib.CHECKPOINTS_DIR, str(step), 'state')
-  restored = _restore_params(path, wanted, f'{where}={workdir!r} step {step}', partial=True)
+  restored = _restore_params(path, wanted, f'{where}={workdir!r} step {step}', partial=True,
+                             metadata=metadata)
   return _sub(restored, f'{item}/'), step
 
 
