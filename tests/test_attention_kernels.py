@@ -1,14 +1,18 @@
 """The attention kernels behind the entry point, against the dense reference; kernel selection."""
 
+import collections
 import logging
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jcore
 
 from test_attention import PAD_ID, _brute_force_mask, _random_rows, packed_pair
 from tuna2_jax import layout
+from tuna2_jax import sharding
 from tuna2_jax.data import sequence as seq
 from tuna2_jax.kernels import omni_flash, omni_hopper, omni_splash
 from tuna2_jax.models import attention as attn_lib
@@ -352,3 +356,55 @@ def test_the_model_under_a_blockwise_kernel_matches_dense(impl):
   assert len(grads) == len(ref_grads)
   for a, b in zip(ref_grads, grads):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-3)
+
+
+def _live_kernel_calls(jaxpr, counts=None) -> collections.Counter:
+  """Kernel launches (pallas_call, Mosaic GPU's mpmd_map) in a jaxpr and its sub-jaxprs whose
+  results something uses: what is left once the compiler drops dead code."""
+  counts = collections.Counter() if counts is None else counts
+  live = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(v for v in eqn.invars if isinstance(v, jcore.Var))
+  for eqn in kept:
+    if eqn.primitive.name in ('pallas_call', 'mpmd_map'):
+      counts[eqn.primitive.name] += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          _live_kernel_calls(sub.jaxpr, counts)
+        elif isinstance(sub, jcore.Jaxpr):
+          _live_kernel_calls(sub, counts)
+  return counts
+
+
+@pytest.mark.parametrize('impl,kind', [('omni_flash', 'omni'), ('omni_hopper', 'omni'),
+                                       ('splash', 'omni'), ('splash', 'span')])
+def test_remat_reruns_a_kernel_forward_only_under_full(impl, kind):
+  """A scanned, rematerialised layer: every policy but 'full' keeps the kernel's output and
+  log-sum-exp, so the backward pass launches the same kernels as without remat; 'full' reruns
+  the forward kernels once more. Traced only (omni_hopper as for a GPU step)."""
+  from tuna2_jax.models.transformer import REMAT_POLICIES
+  info, q, _ = _production_call(t=256, heads=(4, 2), d=64)
+  attend = {'omni_flash': omni_flash.omni_flash_attention,
+            'omni_hopper': omni_hopper.omni_hopper_attention,
+            'splash': omni_splash.omni_splash_attention}[impl]
+  interpret = {} if impl == 'omni_hopper' else {'interpret': True}
+
+  def launches(remat):
+    def layer(x, _):
+      k, v = jnp.cos(x[:, :, :2]), x[:, :, 2:]  # q, k and v all need gradients
+      return x + attend(jnp.sin(x), k, v, info, kind=kind, **interpret), None
+    policy = REMAT_POLICIES[remat]
+    body = layer if policy is None else jax.checkpoint(layer, policy=policy)
+    loss = lambda x: jnp.sum(jax.lax.scan(body, x, None, length=2)[0].astype(jnp.float32))
+    with mock.patch.object(sharding, 'target_platform', lambda: 'gpu'):
+      return sum(_live_kernel_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr).values())
+
+  plain = launches('none')
+  forward = {'splash': 2 if kind == 'omni' else 1}.get(impl, 1)  # the before and after parts
+  assert plain == 3 * forward  # forward, dq, dk/dv
+  for remat in REMAT_POLICIES:
+    assert launches(remat) == plain + (forward if remat == 'full' else 0), remat

@@ -147,6 +147,24 @@ def test_every_remat_policy_has_a_recompute_count():
     flops.remat_recompute_flops(config.model, batch, 'everything')
 
 
+def test_attention_reruns_under_remat_only_where_no_kernel_keeps_its_residuals():
+  """The blockwise kernels keep their output and log-sum-exp under every policy but 'full';
+  dense attention keeps nothing and reruns under every policy but 'none'."""
+  config = load_experiment('shapes', 'runlocal=True')
+  batch = typed(_random_rows(0, patch_size=config.model.patch_size))
+
+  def recompute(impl, remat):
+    config.model.attention = impl
+    return flops.remat_recompute_flops(config.model, batch, remat, backend='cpu')
+
+  attention = recompute('dense', 'dots') - recompute('omni_flash', 'dots')
+  assert attention > 0 and recompute('omni_flash', 'dots') == 0
+  assert recompute('auto', 'dots') == attention  # auto is dense on a CPU
+  for remat in ('dots_no_batch', 'save_qkv_attn'):
+    assert recompute('dense', remat) == pytest.approx(recompute('omni_flash', remat) + attention)
+  assert recompute('dense', 'full') == recompute('omni_flash', 'full')
+
+
 @pytest.mark.parametrize('kind, peak', [('NVIDIA H100 80GB HBM3', 989e12), ('TPU v5p', 459e12),
                                         ('TPU v5', 459e12), ('TPU v5 lite', 197e12),
                                         ('TPU v6 lite', 918e12), ('cpu', None)])

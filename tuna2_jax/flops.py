@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from tuna2_jax import layout
+from tuna2_jax.models import attention as attn_lib
 from tuna2_jax.models.tuna import MAX_SPANS
 from tuna2_jax.objectives import TEXT_CHUNK
 
@@ -44,14 +45,15 @@ TRAIN_PASSES = 3  # forward + backward (2 x forward)
 # what the backward pass reads is rerun: the decoder's and encoder's output projections
 # (attention out, MLP down) never, as nothing reads their results backwards; the flow head's
 # ('head_out') are read by the gradient of their AdaLN-Zero gates. 'full' saves nothing else;
-# the dots policies keep every matmul but rerun the attention kernel (a Pallas call or a
-# batched einsum is not a saveable dot), dots_no_batch the per-span gathers too (batched
-# einsums); save_qkv_attn keeps attention's inputs and output.
+# the dots policies keep every matmul, dots_no_batch not the per-span gathers (batched
+# einsums); save_qkv_attn keeps attention's inputs and output. Every policy but 'full' keeps
+# the attention kernels' output and log-sum-exp (kernels.RESIDUALS); dense and cuDNN attention
+# have none to keep, and rerun under every policy but 'none' (_attention_reruns).
 REMAT_RECOMPUTE = {
     'none': (),
     'full': ('qkv', 'attention', 'mlp_in', 'modulation', 'head_out', 'span_gather'),
-    'dots': ('attention',),
-    'dots_no_batch': ('attention', 'span_gather'),
+    'dots': (),
+    'dots_no_batch': ('span_gather',),
     'save_qkv_attn': ('mlp_in', 'modulation', 'head_out', 'span_gather'),
 }
 
@@ -66,7 +68,7 @@ def _timestep_embedder(width: int, freqs: int) -> int:
   return 2 * (freqs * width + width * width)
 
 
-STACKS = ('decoder', 'head', 'encoder')
+STACKS = attn_lib.STACKS
 
 
 def _stack_parts(model: ml_collections.ConfigDict, n_tok: float, keys: float,
@@ -205,11 +207,12 @@ def _span_table_rows(model: ml_collections.ConfigDict, n: dict) -> float:
   return n['rows'] * _table_width(model)
 
 
-def _executed_stack_parts(model: ml_collections.ConfigDict, n: dict) -> dict[str, float]:
+def _executed_stack_parts(model: ml_collections.ConfigDict, n: dict,
+                          stacks=STACKS) -> dict[str, float]:
   """_stack_parts as the implementation runs them: every slot, the per-span tables."""
   gathers = n['slots'] * _table_width(model)
   return _stack_parts(model, n['slots'], n['keys'], _span_table_rows(model, n), n['slots'],
-                      n['span_keys'], gathers)
+                      n['span_keys'], gathers, stacks)
 
 
 def forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
@@ -238,15 +241,28 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch
           + n['slots'] * 2 * d * pdim + _vision_input(model, n['slots']))
 
 
+def _attention_reruns(model: ml_collections.ConfigDict, remat: str,
+                      backend: str | None) -> tuple[str, ...]:
+  """The stacks whose attention forward the backward pass reruns under `remat`."""
+  stacks = tuple(s for s in STACKS if s != 'encoder' or model.vision == 'encoder')
+  if remat in ('none', 'full'):
+    return ()  # REMAT_RECOMPUTE holds full's
+  return tuple(s for s in stacks
+               if attn_lib.stack_impl(model, s, backend) not in attn_lib.BLOCKWISE)
+
+
 def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
-                          remat: str | None = None) -> float:
-  """Forward FLOPs the backward pass reruns under `remat` (default: model.remat)."""
+                          remat: str | None = None, backend: str | None = None) -> float:
+  """Forward FLOPs the backward pass reruns under `remat` (default: model.remat), with the
+  attention kernels model.attention picks on `backend` (default: the step's target)."""
   remat = model.remat if remat is None else remat
   if remat not in REMAT_RECOMPUTE:
     raise ValueError(f'remat {remat!r}: expected one of {sorted(REMAT_RECOMPUTE)}')
   n = _layout(batch)
   parts = _executed_stack_parts(model, n)
-  return sum(parts[p] for p in REMAT_RECOMPUTE[remat])
+  attention = sum(_executed_stack_parts(model, n, (s,))['attention']
+                  for s in _attention_reruns(model, remat, backend))
+  return sum(parts[p] for p in REMAT_RECOMPUTE[remat]) + attention
 
 
 def forward_flops_by_part(model: ml_collections.ConfigDict, batch: layout.Batch

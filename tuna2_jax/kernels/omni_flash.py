@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from tuna2_jax import kernels
 from tuna2_jax import layout
 from tuna2_jax import sharding
 
@@ -207,7 +208,7 @@ def _flash(q, k, v, lo, hi, block_q, block_k, interpret):
 
 
 def _flash_fwd(q, k, v, lo, hi, block_q, block_k, interpret):
-  o, lse = _forward(q, k, v, lo, hi, block_q, block_k, interpret)
+  o, lse = kernels.keep_for_backward(*_forward(q, k, v, lo, hi, block_q, block_k, interpret))
   return o, (q, k, v, o, lse, lo, hi)
 
 

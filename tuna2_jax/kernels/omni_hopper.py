@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tuna2_jax import kernels
 from tuna2_jax import sharding
 from tuna2_jax.kernels.omni_flash import check_self_attention
 from tuna2_jax.layout import MaskInfo, key_bounds_BT
@@ -428,7 +429,7 @@ def _attend(q, k, v, lo, hi, interpret):
 
 def _attend_fwd(q, k, v, lo, hi, interpret):
   q_ranges, k_ranges = tile_ranges(lo, hi)
-  o, lse = _forward(q, k, v, lo, hi, q_ranges, interpret)
+  o, lse = kernels.keep_for_backward(*_forward(q, k, v, lo, hi, q_ranges, interpret))
   return o, (q, k, v, o, lse, lo, hi, q_ranges, k_ranges)
 
 

@@ -20,7 +20,8 @@ the narrowest that holds the batch's longest span (or none when the batch has no
 so text costs what causal attention costs and images add at most twice their own band.
 
 The "span" kind (the vision encoder: each token sees its own span both ways) is one banded call
-j in [i - W, i + W] with span ids, through splash's own gradient.
+j in [i - W, i + W] with span ids. Both kinds keep their output and log-sum-exp for the backward
+pass under the names the remat policies save (tuna2_jax/kernels/__init__.py).
 
 On TPU the kernels lower through Mosaic; elsewhere they run in Pallas interpret mode, which is
 how the tests check them against models/attention.py:dense_attention. Queries without keys
@@ -34,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tuna2_jax import kernels
 from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax.kernels.omni_flash import check_self_attention
@@ -57,8 +59,7 @@ def band_widths(t: int, block: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(part: str, t: int, heads: int, width: int, block: int, interpret: bool,
-            save_residuals: bool):
+def _kernel(part: str, t: int, heads: int, width: int, block: int, interpret: bool):
   """A splash kernel over [heads, t, d] for one part; cached per static shape."""
   sk, sm = _splash()
   shape = (t, t)
@@ -78,7 +79,7 @@ def _kernel(part: str, t: int, heads: int, width: int, block: int, interpret: bo
   with jax.ensure_compile_time_eval():  # mask tables are constants, also when built in a trace
     return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes,
                               head_shards=1, q_seq_shards=1, interpret=interpret,
-                              save_residuals=save_residuals)
+                              save_residuals=True)
 
 
 def _part_backward(kernel, q, k, v, ids, o, lse, do):
@@ -113,8 +114,8 @@ class _Config:
   def widths(self) -> tuple[int, ...]:
     return band_widths(self.t, self.block)
 
-  def kernel(self, part: str, width: int = 0, save_residuals: bool = True):
-    return _kernel(part, self.t, self.heads, width, self.block, self.interpret, save_residuals)
+  def kernel(self, part: str, width: int = 0):
+    return _kernel(part, self.t, self.heads, width, self.block, self.interpret)
 
 
 def _ids(q_ids, kv_ids):
@@ -157,7 +158,8 @@ def _omni(cfg, q, k, v, seg, q_run, kv_run, band):
 
 
 def _omni_fwd(cfg, q, k, v, seg, q_run, kv_run, band):
-  o, lse = _merge(*_omni_parts(cfg, q, k, v, seg, q_run, kv_run, band))
+  o, lse = kernels.keep_for_backward(*_merge(*_omni_parts(cfg, q, k, v, seg, q_run, kv_run,
+                                                           band)))
   return o, (q, k, v, seg, q_run, kv_run, band, o, lse)
 
 
@@ -181,14 +183,42 @@ def _omni_bwd(cfg, res, do):
 _omni.defvjp(_omni_fwd, _omni_bwd)
 
 
-def _span(cfg: _Config, q, k, v, q_run, kv_run, band):
+def _span_parts(cfg: _Config, q, k, v, q_run, kv_run, band):
+  """The banded kernel per row (vmapped over the batch): (out, lse)."""
 
   def row(q, k, v, q_run, kv_run):
-    branches = [lambda w=w: cfg.kernel('span', w, save_residuals=False)(
-        q, k, v, segment_ids=_ids(q_run, kv_run)) for w in cfg.widths]
+    ids = _ids(q_run, kv_run)
+    branches = [lambda w=w: _unpack(cfg.kernel('span', w)(q, k, v, segment_ids=ids))
+                for w in cfg.widths]
     return jax.lax.switch(band, branches)
 
   return jax.vmap(row)(q, k, v, q_run, kv_run)
+
+
+# splash's own VJP would keep its residuals unnamed, and remat would rerun the kernel for them.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _span(cfg, q, k, v, q_run, kv_run, band):
+  return _span_parts(cfg, q, k, v, q_run, kv_run, band)[0]
+
+
+def _span_fwd(cfg, q, k, v, q_run, kv_run, band):
+  o, lse = kernels.keep_for_backward(*_span_parts(cfg, q, k, v, q_run, kv_run, band))
+  return o, (q, k, v, q_run, kv_run, band, o, lse)
+
+
+def _span_bwd(cfg, res, do):
+  q, k, v, q_run, kv_run, band, o, lse = res
+
+  def row(q, k, v, q_run, kv_run, o, lse, do):
+    branches = [lambda w=w: _part_backward(cfg.kernel('span', w), q, k, v, _ids(q_run, kv_run),
+                                           o, lse, do) for w in cfg.widths]
+    return jax.lax.switch(band, branches)
+
+  dq, dk, dv = jax.vmap(row)(q, k, v, q_run, kv_run, o, lse, do)
+  return dq, dk, dv, None, None, None
+
+
+_span.defvjp(_span_fwd, _span_bwd)
 
 
 def omni_splash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,

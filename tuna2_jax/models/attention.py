@@ -43,6 +43,7 @@ QUERY_AXES = ('batch', 'activation_length', 'heads', None)
 KV_AXES = ('batch', 'activation_length', 'kv_heads', None)
 IMPLS = ('auto', 'dense', 'omni_hopper', 'omni_flash', 'cudnn', 'splash')
 BLOCKWISE = ('omni_hopper', 'omni_flash', 'splash')  # self-attention kernels over packed rows
+STACKS = ('decoder', 'head', 'encoder')  # the model's layer stacks (config model.<stack>)
 # auto's preference per backend, best first; dense always serves.
 AUTO_ORDER = {'gpu': ('omni_hopper', 'omni_flash'), 'tpu': ('splash',)}
 # Finite so that fully masked rows (padding) give a uniform softmax instead of NaN.
@@ -139,6 +140,15 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
   return order[-1]
 
 
+def stack_impl(model, part: str, backend: str | None = None) -> str:
+  """The kernel the self-attention of a layer stack ('decoder', 'head', 'encoder') runs under
+  model.attention, for its head_dim and model.dtype (resolve_impl)."""
+  block = model[part]
+  head_dim = block.head_dim if 'head_dim' in block else block.width // block.num_heads
+  return resolve_impl(model.attention, dtype=jnp.dtype(model.dtype), head_dim=head_dim,
+                      self_attention=True, backend=backend)
+
+
 def check_kernel_sharding(model, mesh, rules) -> None:
   """Raises ValueError when a blockwise kernel would run per shard (BLOCKWISE, on the mesh's
   platform) over heads the tensor axes do not divide: the 'heads' / 'kv_heads' rules' mesh axes
@@ -149,13 +159,11 @@ def check_kernel_sharding(model, mesh, rules) -> None:
   """
   table = dict(rules or ())
   backend = mesh.devices.flat[0].platform
-  for part in ('decoder', 'head', 'encoder'):
+  for part in STACKS:
     block = model.get(part)
     if block is None or (part == 'encoder' and model.get('vision') != 'encoder'):
       continue
-    head_dim = block.head_dim if 'head_dim' in block else block.width // block.num_heads
-    impl = resolve_impl(model.attention, dtype=jnp.dtype(model.dtype), head_dim=head_dim,
-                        self_attention=True, backend=backend)
+    impl = stack_impl(model, part, backend)
     if impl not in BLOCKWISE:
       continue
     for key, rule in (('num_heads', 'heads'), ('num_kv_heads', 'kv_heads')):

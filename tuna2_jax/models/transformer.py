@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tuna2_jax import kernels
 from tuna2_jax import layout
 from tuna2_jax import sharding
 from tuna2_jax.models import attention as attn_lib
@@ -24,13 +25,18 @@ EMBED, MLP, HEADS, KV_HEADS, VOCAB, PATCH, LAYERS = (
 # The residual stream between layers; a train step pins it to these axes (sharding.constrain).
 RESIDUAL = ('batch', 'activation_length', 'activation_embed')
 
+_policies = jax.checkpoint_policies
+# Every policy but 'full' keeps what an attention kernel's backward reads (its output and
+# log-sum-exp, kernels.RESIDUALS), so the backward pass does not rerun the kernel's forward.
+_kernel_residuals = _policies.save_only_these_names(*kernels.RESIDUALS)
 REMAT_POLICIES: dict[str, Any] = {
     'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_saveable,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': _policies.nothing_saveable,
+    'dots': _policies.save_from_both_policies(_policies.dots_saveable, _kernel_residuals),
+    'dots_no_batch': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _kernel_residuals),
     # Keeps the projections feeding attention and the attention output; recomputes the MLP.
-    'save_qkv_attn': jax.checkpoint_policies.save_only_these_names('qkv', 'attn_out'),
+    'save_qkv_attn': _policies.save_only_these_names('qkv', *kernels.RESIDUALS),
 }
 
 
@@ -98,7 +104,7 @@ class SelfAttention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
       cache = dict(cache, k=k, v=v)
     out = attn_lib.attention(q, k, v, q_info, kv_info, kind=kind, impl=self.impl)
-    out = checkpoint_name(out, 'attn_out')
+    out = checkpoint_name(out, kernels.OUT)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
