@@ -120,10 +120,13 @@ def test_auto_picks_per_backend_and_falls_back_with_a_warning(caplog):
     assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
                                  dtype=jnp.float32, head_dim=64) == 'omni_flash'
   assert 'omni_hopper unavailable' in caplog.text and 'trying omni_flash' in caplog.text
+  # SigLIP's head_dim 72 runs padded to 128.
+  assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
+                               dtype=jnp.bfloat16, head_dim=72) == 'omni_hopper'
   with caplog.at_level(logging.WARNING):
-    # A head_dim neither GPU kernel tiles.
+    # A head_dim neither GPU kernel takes.
     assert attn_lib.resolve_impl('auto', backend='gpu', self_attention=True,
-                                 dtype=jnp.bfloat16, head_dim=72) == 'dense'
+                                 dtype=jnp.bfloat16, head_dim=512) == 'dense'
   assert 'omni_flash unavailable' in caplog.text
   with pytest.raises(ValueError, match="impl 'flash3'"):
     attn_lib.resolve_impl('flash3', backend='gpu', self_attention=True, **kw)
@@ -143,7 +146,7 @@ def test_pre_hopper_gpus_get_the_triton_kernel(monkeypatch, caplog):
 
 @pytest.mark.parametrize('dtype,head_dim,match', [
     (jnp.float32, 128, 'bfloat16 or float16 inputs, got float32'),
-    (jnp.bfloat16, 96, 'head_dim a multiple of 64 up to 128, got 96'),
+    (jnp.bfloat16, 192, 'head_dim up to 128, got 192'),
     (jnp.bfloat16, 256, 'got 256'),
 ])
 def test_omni_hopper_refuses_what_it_cannot_run(dtype, head_dim, match):
@@ -215,6 +218,23 @@ def test_omni_hopper_matches_dense_values_and_grads():
   assert check['ok'], check
   out = jax.eval_shape(lambda *a: omni_hopper.omni_hopper_attention(*a, info), q, k, v)
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+
+
+def test_a_head_dim_the_kernels_do_not_tile_runs_zero_padded():
+  """SigLIP's head_dim 72 (omni_hopper pads it to 128) and 24 (omni_flash: to 32), in the
+  kernels' interpret modes: values and q/k/v grads against dense attention at the true scale."""
+  from benchmarks.attention import check_against_dense
+  rows = _hopper_row()
+  info = _info(rows)
+  t = rows['segment_ids'].shape[1]
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(6, 1, t, 2, 1, 72))
+  check = check_against_dense(
+      lambda q, k, v: omni_hopper.omni_hopper_attention(q, k, v, info), q, k, v, info)
+  assert check['ok'], check
+  assert omni_flash.padded_head_dim(24) == 32 and omni_flash.padded_head_dim(8) == 16
+  _check_against_dense(
+      lambda q, k, v: omni_flash.omni_flash_attention(q, k, v, info, block_q=64, block_k=64),
+      rows, 'omni', (2, 1), head_dim=24)
 
 
 def test_omni_hopper_lowers_through_mosaic_gpu_for_sm90():

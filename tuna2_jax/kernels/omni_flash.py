@@ -41,6 +41,11 @@ def check_self_attention(q_BTHK, k_BTGK, kernel: str) -> None:
     raise ValueError(f'{h} query heads are not a multiple of {g} key/value heads')
 
 
+def padded_head_dim(head_dim: int) -> int:
+  """The width the kernel runs at: Triton tiles powers of two, from 16."""
+  return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _block_mask(lo, hi, start: int | jax.Array, shape):
   cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   return (cols >= lo[:, None]) & (cols <= hi[:, None])
@@ -155,11 +160,11 @@ def _params(block_q, block_k, interpret):
   return dict(compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2))
 
 
-def _forward(q, k, v, lo, hi, block_q, block_k, interpret):
+def _forward(q, k, v, lo, hi, block_q, block_k, scale, interpret):
   b, t, h, d = q.shape
   g = k.shape[2]
   spec = _specs(b, t, h, g, d, block_q, whole_rows=False)
-  kernel = functools.partial(_fwd_kernel, scale=d ** -0.5, block_k=block_k)
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k)
   return pl.pallas_call(
       kernel, grid=(b, h, t // block_q),
       in_specs=[spec['bounds'], spec['bounds'], spec['q'], spec['kv_all'], spec['kv_all']],
@@ -169,10 +174,9 @@ def _forward(q, k, v, lo, hi, block_q, block_k, interpret):
       name='omni_flash_fwd', **_params(block_q, block_k, interpret))(lo, hi, q, k, v)
 
 
-def _backward(q, k, v, o, lse, do, lo, hi, block_q, block_k, interpret):
+def _backward(q, k, v, o, lse, do, lo, hi, block_q, block_k, scale, interpret):
   b, t, h, d = q.shape
   g = k.shape[2]
-  scale = d ** -0.5
   delta = jnp.einsum('bthd,bthd->bht', o.astype(jnp.float32), do.astype(jnp.float32))
   blocked = _specs(b, t, h, g, d, block_q, whole_rows=False)
   dq = pl.pallas_call(
@@ -202,19 +206,20 @@ def _backward(q, k, v, o, lse, do, lo, hi, block_q, block_k, interpret):
   return dq, group(dk_h).astype(k.dtype), group(dv_h).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, lo, hi, block_q, block_k, interpret):
-  return _forward(q, k, v, lo, hi, block_q, block_k, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, lo, hi, block_q, block_k, scale, interpret):
+  return _forward(q, k, v, lo, hi, block_q, block_k, scale, interpret)[0]
 
 
-def _flash_fwd(q, k, v, lo, hi, block_q, block_k, interpret):
-  o, lse = kernels.keep_for_backward(*_forward(q, k, v, lo, hi, block_q, block_k, interpret))
+def _flash_fwd(q, k, v, lo, hi, block_q, block_k, scale, interpret):
+  o, lse = kernels.keep_for_backward(
+      *_forward(q, k, v, lo, hi, block_q, block_k, scale, interpret))
   return o, (q, k, v, o, lse, lo, hi)
 
 
-def _flash_bwd(block_q, block_k, interpret, res, do):
+def _flash_bwd(block_q, block_k, scale, interpret, res, do):
   q, k, v, o, lse, lo, hi = res
-  dq, dk, dv = _backward(q, k, v, o, lse, do, lo, hi, block_q, block_k, interpret)
+  dq, dk, dv = _backward(q, k, v, o, lse, do, lo, hi, block_q, block_k, scale, interpret)
   return dq, dk, dv, None, None
 
 
@@ -226,7 +231,8 @@ def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,
                          interpret: bool | None = None) -> jax.Array:
   """Self-attention of a packed row under the omni (or span) mask: [B,T,H,K] -> [B,T,H,K].
 
-  T is padded up to a multiple of the block sizes internally; padded tokens see no keys.
+  T is padded up to a multiple of the block sizes internally; padded tokens see no keys. A
+  head_dim that is not a power of two >= 16 is zero-padded to one (kernels.pad_head_dim).
   interpret defaults to True unless the step targets GPUs (the platform of the traced step's
   mesh, else jax's default backend): Pallas interpret mode, for tests on CPU.
   """
@@ -242,5 +248,7 @@ def omni_flash_attention(q_BTHK, k_BTGK, v_BTGK, info: layout.MaskInfo, *,
     q_BTHK, k_BTGK, v_BTGK = pad_tok(q_BTHK), pad_tok(k_BTGK), pad_tok(v_BTGK)
     lo = jnp.pad(lo, ((0, 0), (0, pad)), constant_values=t + pad)
     hi = jnp.pad(hi, ((0, 0), (0, pad)), constant_values=-1)
-  out = _flash(q_BTHK, k_BTGK, v_BTGK, lo, hi, block_q, block_k, interpret)
-  return out[:, :t]
+  d = q_BTHK.shape[-1]
+  q_BTHK, k_BTGK, v_BTGK = kernels.pad_head_dim(padded_head_dim(d), q_BTHK, k_BTGK, v_BTGK)
+  out = _flash(q_BTHK, k_BTGK, v_BTGK, lo, hi, block_q, block_k, d ** -0.5, interpret)
+  return out[:, :t, :, :d]

@@ -14,8 +14,10 @@ mask; only the edge tiles (segment starts, the causal diagonal, image-span ends)
            head of the group in one program, so dK and dV are written once per key/value head in
            the input dtype (no per-query-head float32 copies to sum afterwards).
 
-Blocks are 64 x 64 (one warpgroup's WGMMA height); head_dim must be 64 or 128 (a multiple of
-the 128-byte swizzle of a bf16 row, within shared memory); dtypes bfloat16 or float16. Matmul
+Blocks are 64 x 64 (one warpgroup's WGMMA height); the kernels run head_dim 64 or 128 (a
+multiple of the 128-byte swizzle of a bf16 row, within shared memory), and a head_dim below 128
+is zero-padded to the next of them (kernels.pad_head_dim, with the true softmax scale: SigLIP's
+72 runs at 128); dtypes bfloat16 or float16. Matmul
 operands are staged in shared memory (the A operand too), tiles of K^T, V^T, Q^T and dO^T come
 from key-major copies made once per call, and each program is one warpgroup; splitting it into
 producer and consumer warpgroups is the next step once the suite measures it on a GPU.
@@ -58,9 +60,14 @@ def problem(*, dtype, head_dim: int, compute_capability: str | None = None) -> s
             f'{compute_capability}')
   if jnp.dtype(dtype) not in DTYPES:
     return f'omni_hopper needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}'
-  if head_dim % 64 or head_dim > MAX_HEAD_DIM:
-    return f'omni_hopper needs head_dim a multiple of 64 up to {MAX_HEAD_DIM}, got {head_dim}'
+  if head_dim > MAX_HEAD_DIM:
+    return f'omni_hopper needs head_dim up to {MAX_HEAD_DIM}, got {head_dim}'
   return None
+
+
+def _padded_head_dim(head_dim: int) -> int:
+  """The width the kernels run at: 64 or 128, whole rows of the 128-byte bf16 swizzle."""
+  return 64 if head_dim <= 64 else MAX_HEAD_DIM
 
 
 def _first_last(reach_XY: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -199,7 +206,7 @@ def _store(copies):
 
 def _fwd_kernel(ranges_ref, lo_ref, hi_ref, q_ref, kt_ref, v_ref, o_ref, lse_ref,
                 q_smem, kt_smem, v_smem, p_smem, lo_smem, hi_smem, lse_smem, bars, kv_bars, *,
-                rep, interpret):
+                rep, sm_scale, interpret):
   b, h, i = (jax.lax.axis_index(n) for n in ('batch', 'heads', 'q_blocks'))
   g, rows = h // rep, pl.ds(i * BLOCK, BLOCK)
   _load([(q_ref.at[b, rows, h], q_smem), (lo_ref.at[b, rows], lo_smem),
@@ -207,7 +214,7 @@ def _fwd_kernel(ranges_ref, lo_ref, hi_ref, q_ref, kt_ref, v_ref, o_ref, lse_ref
   red = plgpu.Layout.WGMMA.reduce(1)
   lo, hi = _cast(lo_smem[...], red, interpret), _cast(hi_smem[...], red, interpret)
   d = q_smem.shape[-1]
-  scale = d ** -0.5 * _LOG2E
+  scale = sm_scale * _LOG2E
 
   def fetch(j, slot):
     keys = pl.ds(j * BLOCK, BLOCK)
@@ -241,7 +248,7 @@ def _fwd_kernel(ranges_ref, lo_ref, hi_ref, q_ref, kt_ref, v_ref, o_ref, lse_ref
 
 def _dq_kernel(ranges_ref, lo_ref, hi_ref, q_ref, do_ref, lse_ref, delta_ref, kt_ref, vt_ref,
                k_ref, dq_ref, q_smem, do_smem, kt_smem, vt_smem, k_smem, ds_smem, lo_smem,
-               hi_smem, lse_smem, delta_smem, bars, kv_bars, *, rep, interpret):
+               hi_smem, lse_smem, delta_smem, bars, kv_bars, *, rep, sm_scale, interpret):
   b, h, i = (jax.lax.axis_index(n) for n in ('batch', 'heads', 'q_blocks'))
   g, rows = h // rep, pl.ds(i * BLOCK, BLOCK)
   _load([(q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
@@ -251,7 +258,7 @@ def _dq_kernel(ranges_ref, lo_ref, hi_ref, q_ref, do_ref, lse_ref, delta_ref, kt
   lo, hi, lse, delta = (_cast(r[...], red, interpret)
                         for r in (lo_smem, hi_smem, lse_smem, delta_smem))
   d = q_smem.shape[-1]
-  scale = d ** -0.5 * _LOG2E
+  scale = sm_scale * _LOG2E
 
   def fetch(j, slot):
     keys = pl.ds(j * BLOCK, BLOCK)
@@ -270,19 +277,19 @@ def _dq_kernel(ranges_ref, lo_ref, hi_ref, q_ref, do_ref, lse_ref, delta_ref, kt
 
   dq = _pipelined(ranges_ref, (b, i), fetch, kv_bars, body,
                   _full((BLOCK, d), 0.0, plgpu.Layout.WGMMA, interpret))
-  q_smem[...] = (dq * d ** -0.5).astype(q_smem.dtype)
+  q_smem[...] = (dq * sm_scale).astype(q_smem.dtype)
   _store([(q_smem, dq_ref.at[b, rows, h])])
 
 
 def _dkdv_kernel(ranges_ref, lo_ref, hi_ref, qt_ref, dot_ref, q_ref, do_ref, lse_ref, delta_ref,
                  k_ref, v_ref, dk_ref, dv_ref, k_smem, v_smem, qt_smem, dot_smem, q2_smem,
                  do2_smem, pt_smem, lo_smem, hi_smem, lse_smem, delta_smem, bars, q_bars, *,
-                 rep, interpret):
+                 rep, sm_scale, interpret):
   b, g, j = (jax.lax.axis_index(n) for n in ('batch', 'kv_heads', 'k_blocks'))
   keys = pl.ds(j * BLOCK, BLOCK)
   _load([(k_ref.at[b, keys, g], k_smem), (v_ref.at[b, keys, g], v_smem)], bars)
   d = k_smem.shape[-1]
-  scale = d ** -0.5 * _LOG2E
+  scale = sm_scale * _LOG2E
   red = plgpu.Layout.WGMMA.reduce(0)  # per-query vectors run along the tile's columns
   zeros = _full((BLOCK, d), 0.0, plgpu.Layout.WGMMA, interpret)
   carry = (zeros, zeros)
@@ -315,7 +322,7 @@ def _dkdv_kernel(ranges_ref, lo_ref, hi_ref, qt_ref, dot_ref, q_ref, do_ref, lse
 
     carry = _pipelined(ranges_ref, (b, j), fetch, q_bars, body, carry)
   dk, dv = carry
-  k_smem[...] = (dk * d ** -0.5).astype(k_smem.dtype)
+  k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
   v_smem[...] = dv.astype(v_smem.dtype)
   _store([(k_smem, dk_ref.at[b, keys, g]), (v_smem, dv_ref.at[b, keys, g])])
 
@@ -335,10 +342,11 @@ def _vectors(n: int, slots: tuple[int, ...] = ()):
   return tuple(_smem(*slots, BLOCK, dtype=dt, swizzled=False) for dt in dtypes)
 
 
-def _forward(q, k, v, lo, hi, q_ranges, interpret):
+def _forward(q, k, v, lo, hi, q_ranges, sm_scale, interpret):
   b, t, h, d = q.shape
   g = k.shape[2]
-  kernel = functools.partial(_fwd_kernel, rep=h // g, interpret=interpret is not None)
+  kernel = functools.partial(_fwd_kernel, rep=h // g, sm_scale=sm_scale,
+                             interpret=interpret is not None)
   dt = q.dtype
   return plgpu.kernel(
       kernel,
@@ -353,7 +361,7 @@ def _forward(q, k, v, lo, hi, q_ranges, interpret):
   )(q_ranges, lo, hi, q, _keys_major(k), v)
 
 
-def _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, interpret):
+def _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, sm_scale, interpret):
   b, t, h, d = q.shape
   g = k.shape[2]
   dt = q.dtype
@@ -361,7 +369,7 @@ def _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, interpret):
   delta = jnp.einsum('bthd,bthd->bht', o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(dt)
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, rep=h // g, interpret=flag),
+      functools.partial(_dq_kernel, rep=h // g, sm_scale=sm_scale, interpret=flag),
       out_type=jax.ShapeDtypeStruct(q.shape, dt),
       scratch_types=(_smem(BLOCK, d, dtype=dt), _smem(BLOCK, d, dtype=dt),
                      _smem(2, d, BLOCK, dtype=dt), _smem(2, d, BLOCK, dtype=dt),
@@ -372,7 +380,7 @@ def _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, interpret):
       interpret=interpret,
   )(q_ranges, lo, hi, q, do, lse, delta, _keys_major(k), _keys_major(v), k)
   dk, dv = plgpu.kernel(
-      functools.partial(_dkdv_kernel, rep=h // g, interpret=flag),
+      functools.partial(_dkdv_kernel, rep=h // g, sm_scale=sm_scale, interpret=flag),
       out_type=(jax.ShapeDtypeStruct(k.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)),
       scratch_types=(_smem(BLOCK, d, dtype=dt), _smem(BLOCK, d, dtype=dt),
                      _smem(2, d, BLOCK, dtype=dt), _smem(2, d, BLOCK, dtype=dt),
@@ -409,8 +417,10 @@ def omni_hopper_attention(q_BTHK, k_BTGK, v_BTGK, info: MaskInfo, *, kind: str =
     q_BTHK, k_BTGK, v_BTGK = pad_tok(q_BTHK), pad_tok(k_BTGK), pad_tok(v_BTGK)
     lo = jnp.pad(lo, ((0, 0), (0, pad)), constant_values=t + pad)
     hi = jnp.pad(hi, ((0, 0), (0, pad)), constant_values=-1)
-  out = _attend(q_BTHK, k_BTGK, v_BTGK, lo, hi, _interpret_params(interpret))
-  return out[:, :t]
+  d = q_BTHK.shape[-1]
+  q_BTHK, k_BTGK, v_BTGK = kernels.pad_head_dim(_padded_head_dim(d), q_BTHK, k_BTGK, v_BTGK)
+  out = _attend(q_BTHK, k_BTGK, v_BTGK, lo, hi, d ** -0.5, _interpret_params(interpret))
+  return out[:, :t, :, :d]
 
 
 def _interpret_params(interpret: bool):
@@ -421,21 +431,21 @@ def _interpret_params(interpret: bool):
   return InterpretGPUParams()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(q, k, v, lo, hi, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend(q, k, v, lo, hi, sm_scale, interpret):
   q_ranges, _ = tile_ranges(lo, hi)
-  return _forward(q, k, v, lo, hi, q_ranges, interpret)[0]
+  return _forward(q, k, v, lo, hi, q_ranges, sm_scale, interpret)[0]
 
 
-def _attend_fwd(q, k, v, lo, hi, interpret):
+def _attend_fwd(q, k, v, lo, hi, sm_scale, interpret):
   q_ranges, k_ranges = tile_ranges(lo, hi)
-  o, lse = kernels.keep_for_backward(*_forward(q, k, v, lo, hi, q_ranges, interpret))
+  o, lse = kernels.keep_for_backward(*_forward(q, k, v, lo, hi, q_ranges, sm_scale, interpret))
   return o, (q, k, v, o, lse, lo, hi, q_ranges, k_ranges)
 
 
-def _attend_bwd(interpret, res, do):
+def _attend_bwd(sm_scale, interpret, res, do):
   q, k, v, o, lse, lo, hi, q_ranges, k_ranges = res
-  dq, dk, dv = _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, interpret)
+  dq, dk, dv = _backward(q, k, v, o, lse, do, lo, hi, q_ranges, k_ranges, sm_scale, interpret)
   return dq, dk, dv, None, None
 
 

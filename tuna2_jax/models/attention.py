@@ -9,10 +9,11 @@ Kernels (config `model.attention`):
   dense       the reference below: an explicit [B, T, S] mask; any backend, any layout (KV cache).
   omni_hopper kernels/omni_hopper.py: the omni mask's flash attention for Hopper (sm90) on
               Pallas Mosaic GPU: only reachable key blocks, masks only on edge tiles, forward
-              and backward; bfloat16 / float16, head_dim 64 or 128; Mosaic GPU interpret mode
-              on CPU for tests. KV-cache calls run dense under it.
+              and backward; bfloat16 / float16, head_dim up to 128 (padded to 64 or 128);
+              Mosaic GPU interpret mode on CPU for tests. KV-cache calls run dense under it.
   omni_flash  kernels/omni_flash.py: Pallas flash attention with one key interval per query, no
-              T x T mask; GPUs before Hopper (Triton), or Pallas interpret mode on CPU for tests.
+              T x T mask, head_dim up to 256 (padded to a power of two); GPUs before Hopper
+              (Triton), or Pallas interpret mode on CPU for tests.
               Calls with a KV cache (decoding, the sampler's prompt cache) run dense under it.
   cudnn       cuDNN fused attention (jax.nn.dot_product_attention) given the omni mask as a
               boolean mask; GPU, bfloat16 / float16 only.
@@ -21,7 +22,7 @@ Kernels (config `model.attention`):
               are static; the batch's spans arrive as segment ids); Pallas interpret mode on
               CPU for tests. KV-cache calls run dense under it.
   auto        per backend (the platform of the step's mesh, else jax's default backend):
-              on GPU omni_hopper, else (pre-Hopper GPU, float32, another head_dim) omni_flash;
+              on GPU omni_hopper, else (pre-Hopper GPU, float32, head_dim over 128) omni_flash;
               splash on TPU; dense on CPU. A preferred kernel that cannot serve a call falls
               back to the next (finally dense) with one warning per reason.
 Naming a kernel the backend or call cannot use raises ValueError instead of falling back.
@@ -88,8 +89,8 @@ def kernel_problem(impl: str, *, backend: str, dtype, head_dim: int) -> str | No
   if impl == 'omni_flash':
     if backend not in ('gpu', 'cpu'):
       return f'the omni_flash kernel lowers through Triton (GPU) only (backend is {backend})'
-    if head_dim < 16 or head_dim & (head_dim - 1):
-      return f'omni_flash needs a power-of-two head_dim >= 16, got {head_dim}'
+    if head_dim > 256:
+      return f'omni_flash needs head_dim up to 256, got {head_dim}'
     return None
   raise ValueError(f'attention impl {impl!r}: expected one of {IMPLS}')
 
