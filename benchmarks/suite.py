@@ -49,7 +49,7 @@ SIZES = {
     # The remat policy of each arm: the one with the least recompute that fits one 80 GB H100
     # at one 8k row (compiled for h100-1 from a CPU host, docs/scaling.md): Tuna-2
     # dots_no_batch 61.0 GiB (save_qkv_attn 51.4, full 50.7, none 107.0: no fit); Tuna-R
-    # save_qkv_attn 67.6 GiB (full 66.0; dots_no_batch 71.4, 1.4 GiB short of the 72.8 GiB a
+    # save_qkv_attn 60.7 GiB (full 56.3; dots_no_batch 72.2, 0.6 GiB short of the 72.8 GiB a
     # 0.92 memory fraction leaves, too close).
     'train': ({'tuna2': [f'--config={CONFIG}', '--seq_len=8192', '--remat=dots_no_batch'],
                'tuna_r': [f'--config={CONFIG}:vision=encoder', '--seq_len=8192',
