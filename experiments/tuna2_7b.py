@@ -17,8 +17,7 @@ Compiled for a v5p-128 from a CPU host (pip install -e '.[tpu-aot]'; docs/scalin
 
 fsdp=64, 4 rows of 16k tokens per chip in 2 microbatches (optim.microbatches), splash: peak
 40.5 GiB per chip of 95.74 GiB HBM (42.3%, fits). In one pass (`--config.optim.microbatches=1`)
-77.0 GiB (80.4%, fits too, with less headroom; compiled before the flow head's per-span
-conditioning, which took 3.1 GiB off the 2-microbatch step). Before the text loss's hand-written VJP
+69.1 GiB (72.2%, fits too, with less headroom). Before the text loss's hand-written VJP
 (objectives._chunked_nll) they were 90.3 GiB and 103.2 GiB (107.8%, no fit). On a v6e-256
 (31.25 GiB per chip) see docs/scaling.md for the mesh that fits.
 

@@ -21,7 +21,7 @@ mask token (DeTok) draws a ratio from U(-0.7, 0.3) and masks when it is positive
 the samples, ratio up to 0.3, from the first step.
 
 Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): tuna2_7b.py's
-batch, 2 microbatches and mesh, peak 43.7 GiB per chip of 95.74 GiB (45.6%, fits).
+batch, 2 microbatches and mesh, peak 40.7 GiB per chip of 95.74 GiB (42.5%, fits).
 
 Args: runlocal=True shrinks it for a smoke run with the same structure.
 """

@@ -7,8 +7,8 @@ init_from takes the parameters of that workdir's latest checkpoint and nothing e
 this run later restores its own full state instead).
 
 Same model, batch and 2 microbatches as stage 1. Compiled for a v5p-128 (`--dry_run
---dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64, peak 43.6 GiB per chip of 95.74 GiB
-(45.5%, fits), as stage 1.
+--dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64, peak 40.5 GiB per chip of 95.74 GiB
+(42.3%, fits), as stage 1.
 """
 
 import os

@@ -12,8 +12,8 @@ frozen and carries no optimizer state. Paper: 3k steps at lr 5e-4.
 Next stage: experiments/tuna_r_7b.py with --config.init_from=<this workdir>.
 
 Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64,
-tuna2_7b.py's batch and 2 microbatches, only the connector differentiated: peak 26.9 GiB per
-chip of 95.74 GiB (28.1%, fits).
+tuna2_7b.py's batch and 2 microbatches, only the connector differentiated: peak 32.0 GiB per
+chip of 95.74 GiB (33.5%, fits).
 """
 
 import os

@@ -4,7 +4,7 @@
       --workdir=gs://BUCKET/tuna_r_7b_sft --config.init_from=gs://BUCKET/tuna_r_7b
 
 Compiled for a v5p-128 (`--dry_run --dry_run_topology=v5p-128`, docs/scaling.md): fsdp=64,
-2 microbatches, peak 47.5 GiB per chip of 95.74 GiB (49.6%, fits), as tuna_r_7b.py.
+2 microbatches, peak 45.0 GiB per chip of 95.74 GiB (47.0%, fits), as tuna_r_7b.py.
 """
 
 import os
