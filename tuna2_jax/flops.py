@@ -247,10 +247,9 @@ def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch
 def _attention_reruns(model: ml_collections.ConfigDict, remat: str,
                       backend: str | None) -> tuple[str, ...]:
   """The stacks whose attention forward the backward pass reruns under `remat`."""
-  stacks = tuple(s for s in STACKS if s != 'encoder' or model.vision == 'encoder')
   if remat in ('none', 'full'):
     return ()  # REMAT_RECOMPUTE holds full's
-  return tuple(s for s in stacks
+  return tuple(s for s in attn_lib.model_stacks(model)
                if attn_lib.stack_impl(model, s, backend) not in attn_lib.BLOCKWISE)
 
 

@@ -141,6 +141,12 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, self_attention: bool,
   return order[-1]
 
 
+def model_stacks(model) -> tuple[str, ...]:
+  """The layer stacks (STACKS) a model config has: the encoder only for vision='encoder'."""
+  return tuple(s for s in STACKS if model.get(s) is not None
+               and (s != 'encoder' or model.get('vision') == 'encoder'))
+
+
 def stack_impl(model, part: str, backend: str | None = None) -> str:
   """The kernel the self-attention of a layer stack ('decoder', 'head', 'encoder') runs under
   model.attention, for its head_dim and model.dtype (resolve_impl)."""
@@ -160,10 +166,8 @@ def check_kernel_sharding(model, mesh, rules) -> None:
   """
   table = dict(rules or ())
   backend = mesh.devices.flat[0].platform
-  for part in STACKS:
-    block = model.get(part)
-    if block is None or (part == 'encoder' and model.get('vision') != 'encoder'):
-      continue
+  for part in model_stacks(model):
+    block = model[part]
     impl = stack_impl(model, part, backend)
     if impl not in BLOCKWISE:
       continue
