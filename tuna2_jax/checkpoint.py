@@ -317,13 +317,9 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def state_metadata(self, step: int) -> dict:
-    """`step`'s state as a tree of orbax array metadata (shapes, dtypes), read from its
-    metadata alone."""
+    """`step`'s state ({'params', 'opt', 'ema', 'step', ...}) as a tree of orbax array metadata
+    (shapes, dtypes), read from its metadata alone."""
     return self._manager.item_metadata(step)[_STATE].tree
-
-  def state_items(self, step: int) -> list[str]:
-    """The top-level entries of `step`'s state ('params', 'opt', 'ema', 'step', ...)."""
-    return list(self.state_metadata(step))
 
   def check(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError unless `step` holds exactly the arrays of `abstract_state`."""

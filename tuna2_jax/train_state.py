@@ -131,7 +131,7 @@ def has_ema(workdir: str) -> bool:
   """Whether the latest checkpoint's state holds an EMA (False also when there is none)."""
   with ckpt_lib.Checkpointer(workdir, keep=1, save_every=1, async_save=False) as ckpt:
     step = ckpt.latest_step()
-    return step is not None and 'ema' in ckpt.state_items(step)
+    return step is not None and 'ema' in ckpt.state_metadata(step)
 
 
 def load_model(workdir: str, *, use_ema: bool = True, mesh=None):
