@@ -219,13 +219,8 @@ def _executed_stack_parts(model: ml_collections.ConfigDict, n: dict,
 
 
 def forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch) -> float:
-  """Model FLOPs of one forward pass over `batch` (host arrays)."""
-  n = _layout(batch)
-  d, pdim = model.decoder.width, model.patch_size ** 2 * 3
-  parts = _stack_parts(model, n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
-  return (sum(parts.values()) + n['text_targets'] * 2 * d * model.vocab_size
-          + _conditioning(model, n['spans']) + n['gen_patches'] * 2 * d * pdim
-          + _vision_input(model, n['patches']))
+  """Model FLOPs of one forward pass over `batch` (host arrays): forward_flops_by_part summed."""
+  return sum(forward_flops_by_part(model, batch).values())
 
 
 def hardware_forward_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
@@ -269,7 +264,7 @@ def remat_recompute_flops(model: ml_collections.ConfigDict, batch: layout.Batch,
 
 def forward_flops_by_part(model: ml_collections.ConfigDict, batch: layout.Batch
                           ) -> dict[str, float]:
-  """forward_flops split over PARTS (their sum is forward_flops)."""
+  """Model FLOPs of one forward pass over `batch`, split over PARTS."""
   n = _layout(batch)
   d, pdim = model.decoder.width, model.patch_size ** 2 * 3
   args = (n['tokens'], n['keys'], n['spans'], n['patches'], n['span_keys'])
