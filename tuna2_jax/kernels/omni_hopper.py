@@ -17,10 +17,10 @@ mask; only the edge tiles (segment starts, the causal diagonal, image-span ends)
 Blocks are 64 x 64 (one warpgroup's WGMMA height); the kernels run head_dim 64 or 128 (a
 multiple of the 128-byte swizzle of a bf16 row, within shared memory), and a head_dim below 128
 is zero-padded to the next of them (kernels.pad_head_dim, with the true softmax scale: SigLIP's
-72 runs at 128); dtypes bfloat16 or float16. Matmul
-operands are staged in shared memory (the A operand too), tiles of K^T, V^T, Q^T and dO^T come
-from key-major copies made once per call, and each program is one warpgroup; splitting it into
-producer and consumer warpgroups is the next step once the suite measures it on a GPU.
+72 runs at 128); dtypes bfloat16 or float16. Matmul operands are staged in shared memory (the A
+operand too), tiles of K^T, V^T, Q^T and dO^T come from key-major copies made once per call,
+and each program is one warpgroup; splitting it into producer and consumer warpgroups is the
+next step once the suite measures it on a GPU.
 `problem` names what a call cannot meet. On a CPU the kernels run in Mosaic GPU's interpret
 mode (simulated shared memory, TMA and barriers), which is how the tests check them against
 dense attention; the lowering for sm90 also runs on a CPU host. (The interpreter's callbacks
